@@ -1,0 +1,691 @@
+"""Privacy accounting for DP-SGD with patch-level privacy amplified by random cropping.
+
+One step of DP-SGD adds N(0, (z·C)²) to the sum of per-example gradients clipped to norm
+C. In units of C (noise std z, sensitivity Δ) the privacy of one step under the relations
+below is that of a *dominating pair* of distributions on the real line (SCIENCE.md §3):
+
+- **patch** (:class:`PatchLevel`, the point of patchdp) and **image-level substitution**
+  (:class:`ImageLevel`, the baseline): the protected image stays in the dataset and its
+  clipped gradient can change by up to 2C only when it is sampled AND (patch level) one of
+  its crops hits the patch. With effective sampling rate w = q·p* (w = q at image level)
+  and Δ = 2, one step is dominated by (Zhu, Dong & Wang 2022)
+
+      ε ≥ 0 ("remove" branch):  P = (1 − w)·N(0, z²) + w·N(Δ, z²)  against  Q = N(0, z²),
+      ε < 0 ("add" branch):     Q against P,
+
+  which together are ONE privacy profile δ(ε), i.e. one symmetric privacy loss
+  distribution (PLD), composed T times.
+- **add/remove** (:class:`AddRemove`, Poisson sampling only, Δ = 1): the Opacus /
+  jax-privacy convention, composing the remove pair and the add pair separately and
+  taking the larger δ, for comparing numbers with those libraries.
+
+Numerics: each pair's profile is evaluated in closed form (Gaussian tails in log space)
+on the grid ε_i = i·Δε, turned into a PLD with the pessimistic connect-the-dots
+discretisation of Doroshenko et al. (2022) via ``dp_accounting``, self-composed with an
+FFT, and queried for ε(δ) or δ(ε). Every approximation rounds towards *less* privacy:
+the discretisation is pessimistic, truncated tails move to ε = +∞, and the lowest losses
+are lumped upwards. The RDP accountant of ``dp_accounting`` gives an independent, looser
+upper bound (tests check it is never below ours).
+
+Units: ``noise_multiplier`` z is the noise std divided by the clip norm C; ``steps`` T is
+the number of DP-SGD steps; ``delta`` δ ∈ (0, 1); ``epsilon`` ε > 0 in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence, Union
+
+import numpy as np
+from dp_accounting.pld import pld_pmf
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from scipy import fft as sp_fft
+from scipy import optimize, special
+
+__all__ = [
+    "FixedSizeSampling", "PoissonSampling", "PatchLevel", "ImageLevel", "AddRemove",
+    "GaussianAugmentation", "effective_sampling_rate", "epsilon", "delta",
+    "privacy_profile", "calibrate_noise", "max_steps", "Ledger",
+    "gaussian_mechanism_delta", "gaussian_mechanism_epsilon", "data_level_noise_profile",
+    "DEFAULT_RESOLUTION",
+]
+
+DEFAULT_RESOLUTION = 1e-4
+"""Spacing Δε of the privacy-loss grid (nats). Smaller is tighter and slower."""
+
+_LOG_TAIL = -50.0          # per-step Gaussian tail mass (log) beyond the grid → ε = +∞
+_TAIL_MASS = 1e-15         # mass dropped (→ +∞, pessimistically) per composition
+_MAX_HALF_GRID = 2 ** 21   # grid points per side; losses beyond go to +∞ (pessimistic)
+
+
+# =========================================================================== sampling
+
+
+def _check_rate(name: str, value) -> float:
+    value = float(value)
+    if not (0 < value <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {value}.")
+    return value
+
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSizeSampling:
+    """Batches of exactly ``batch_size`` examples drawn without replacement from
+    ``dataset_size``, independently at every step (the paper's scheme): q = B / N."""
+
+    batch_size: int
+    dataset_size: int
+
+    def __post_init__(self):
+        _check_count("batch_size", self.batch_size)
+        _check_count("dataset_size", self.dataset_size)
+        if self.batch_size > self.dataset_size:
+            raise ValueError(f"batch_size {self.batch_size} exceeds dataset_size {self.dataset_size}.")
+
+    @property
+    def rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        return float(self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampling:
+    """Each example joins each step's batch independently with probability ``rate`` (q).
+    ``dataset_size`` (optional here) gives the expected batch size q·N."""
+
+    rate: float
+    dataset_size: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "rate", _check_rate("sampling rate q", self.rate))
+        if self.dataset_size is not None:
+            _check_count("dataset_size", self.dataset_size)
+
+    @property
+    def expected_batch_size(self) -> float:
+        if self.dataset_size is None:
+            raise ValueError("PoissonSampling needs dataset_size for the expected batch size.")
+        return self.rate * self.dataset_size
+
+
+Sampling = Union[FixedSizeSampling, PoissonSampling]
+
+
+# =========================================================================== relations
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchLevel:
+    """Patch-level substitution (SCIENCE.md §1): one image changes inside one patch
+    region; amplified by cropping with worst-case inclusion probability p*
+    (:func:`patchdp.inclusion.inclusion_probability`). w = q·p*, Δ = 2."""
+
+    inclusion_probability: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "inclusion_probability",
+                           _check_rate("inclusion probability p*", self.inclusion_probability))
+
+    @property
+    def amplification(self) -> float:
+        return self.inclusion_probability
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLevel:
+    """Image-level substitution, standard DP-SGD (the paper's baseline): w = q, Δ = 2."""
+
+    amplification = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianAugmentation:
+    """COMPARATOR, not a patchdp guarantee: amplification by Gaussian data augmentation.
+
+    Each sampled image gets N(0, σ²) noise on every pixel; the patch changes the input by
+    at most ``patch_sensitivity`` in L2 (e.g. sqrt(p_h·p_w·channels)·255), so the sampled
+    example's input distributions differ in total variation by
+    TV = 2Φ(sensitivity / 2σ) − 1, and w = q·TV.
+    """
+
+    noise_std: float
+    patch_sensitivity: float
+
+    def __post_init__(self):
+        if not (self.noise_std > 0) or not (self.patch_sensitivity > 0):
+            raise ValueError("GaussianAugmentation needs noise_std > 0 and patch_sensitivity > 0.")
+
+    @property
+    def amplification(self) -> float:
+        return float(-special.expm1(special.log_ndtr(-self.patch_sensitivity / (2 * self.noise_std)) + math.log(2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AddRemove:
+    """Add/remove one example with Poisson sampling (Opacus / jax-privacy convention):
+    w = q, Δ = 1, remove and add pairs composed separately, the larger δ reported."""
+
+    amplification = 1.0
+
+
+Relation = Union[PatchLevel, ImageLevel, GaussianAugmentation, AddRemove]
+
+
+def effective_sampling_rate(sampling: Sampling, relation: Relation) -> float:
+    """w: the probability that a step's gradient depends on the protected content."""
+    if isinstance(relation, AddRemove) and not isinstance(sampling, PoissonSampling):
+        raise ValueError("the add/remove relation is accounted for Poisson sampling only; "
+                         "use PoissonSampling, or ImageLevel() for fixed-size batches.")
+    return sampling.rate * relation.amplification
+
+
+# =========================================================================== one step
+
+
+def _hockey_stick(eps: np.ndarray, rate: float, mu: float) -> np.ndarray:
+    """H_{e^ε}(P‖Q) for P = (1 − w)N(0, 1) + wN(μ, 1), Q = N(0, 1), any real ε.
+
+    The privacy loss is increasing in x, so H = P(x > x_ε) − e^ε Q(x > x_ε) with
+    x_ε = (log((e^ε − 1 + w)/w) + μ²/2)/μ; evaluated in log space so tiny δ keep their
+    relative precision.
+    """
+    eps = np.asarray(eps, dtype=np.float64)
+    out = -np.expm1(eps)  # e^ε ≤ 1 − w: every outcome counts, H = 1 − e^ε
+    shifted = np.expm1(eps) + rate
+    live = shifted > 0
+    s = shifted[live]
+    x = (np.log(s / rate) + mu * mu / 2) / mu
+    log_p = math.log(rate) + special.log_ndtr(mu - x)
+    log_q = np.log(s) + special.log_ndtr(-x)
+    # H = w·Φ̄(x − μ) − (e^ε − 1 + w)·Φ̄(x); the (1 − w)Φ̄(x) terms cancel exactly.
+    out[live] = np.exp(log_p) * -np.expm1(np.minimum(log_q - log_p, 0.0))
+    return np.clip(out, 0.0, 1.0)
+
+
+def _loss_range(rate: float, mu: float) -> float:
+    """A loss beyond which the remove pair has P-mass below e^_LOG_TAIL."""
+    x = mu - special.ndtri(math.exp(_LOG_TAIL))
+    return float(np.logaddexp(math.log1p(-rate) if rate < 1 else -np.inf,
+                              math.log(rate) + mu * x - mu * mu / 2))
+
+
+class _PLD(NamedTuple):
+    """A discrete privacy loss distribution: mass ``probs[i]`` at loss
+    (offset + i)·step, plus ``infinity_mass`` at +∞."""
+
+    probs: np.ndarray
+    offset: int
+    step: float
+    infinity_mass: float
+
+    @property
+    def losses(self) -> np.ndarray:
+        return (self.offset + np.arange(self.probs.size)) * self.step
+
+
+def _from_dp_accounting(pmf) -> _PLD:
+    """Reads a dp_accounting PLDPmf. Its DensePLDPmf keeps the arrays in private fields;
+    the version range is pinned in pyproject.toml and tests/test_accounting.py checks
+    that this reading agrees with dp_accounting's own δ(ε)."""
+    dense = pmf.to_dense_pmf()
+    return _PLD(np.asarray(dense._probs, np.float64), int(dense._lower_loss),
+                float(dense._discretization), float(dense._infinity_mass))
+
+
+def _switching_pld(rate: float, mu: float, step: float) -> _PLD:
+    """The switching substitution pair of SCIENCE.md §3 as one symmetric PLD.
+
+    For ε ≥ 0 the profile is H_{e^ε}(P‖Q) of the remove pair; discretised by pessimistic
+    connect-the-dots (Doroshenko et al. 2022, via dp_accounting) on the grid
+    {0, step, …}. For ε < 0 it is the add pair, H_{e^ε}(Q‖P) = 1 − e^ε + e^ε H_{e^{−ε}}(P‖Q):
+    the loss distribution of such a symmetric pair obeys ω(−l) = e^{−l} ω(l), so the
+    negative half is the mirror image of the positive half, and the atom at 0 takes the
+    remaining mass. (Building the negative half from δ values instead would difference
+    numbers near 1 − e^ε and spray ~1e-12 of phantom mass on every grid point.)
+    """
+    half = min(int(math.ceil(_loss_range(rate, mu) / step)) + 1, _MAX_HALF_GRID)
+    deltas = _hockey_stick(np.arange(half + 1) * step, rate, mu)
+    positive = _from_dp_accounting(pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(step, 0, half, deltas))
+    masses = np.zeros(half + 1)
+    masses[positive.offset: positive.offset + positive.probs.size] = positive.probs
+    above = masses[1:]
+    mirrored = (above * np.exp(-np.arange(1, half + 1) * step))[::-1]
+    zero = 1.0 - positive.infinity_mass - above.sum() - mirrored.sum()
+    if zero < -1e-12:
+        raise ArithmeticError(f"inconsistent switching PLD (atom at 0 is {zero}); please report.")
+    probs = np.concatenate([mirrored, [max(zero, 0.0)], above])
+    return _truncate(_PLD(probs, -half, step, positive.infinity_mass), _TAIL_MASS)
+
+
+@functools.lru_cache(maxsize=8)
+def _single_step(kind: str, rate: float, noise_multiplier: float, step: float) -> tuple[_PLD, ...]:
+    """The PLD(s) of one DP-SGD step in units of C; δ of a composition is the max over
+    the tuple. Substitution relations: the switching pair with Δ = 2. Add/remove:
+    dp_accounting's Poisson-subsampled Gaussian (Δ = 1), remove and add separately."""
+    if kind == "add_remove":
+        pld = pld_lib.from_gaussian_mechanism(
+            noise_multiplier, sensitivity=1.0, sampling_prob=rate,
+            value_discretization_interval=step, use_connect_dots=True)
+        remove, add = pld._pmf_remove, pld._pmf_add  # pylint: disable=protected-access
+        return (_from_dp_accounting(remove), _from_dp_accounting(add))
+    return (_switching_pld(rate, 2.0 / noise_multiplier, step),)
+
+
+# =========================================================================== composition
+
+
+def _truncate(pld: _PLD, tail: float) -> _PLD:
+    """Drops ≤ tail/2 of mass from each end, pessimistically: the low end is lumped into
+    the first kept loss (moved up), the high end goes to +∞."""
+    probs = np.maximum(pld.probs, 0.0)
+    low = np.cumsum(probs)
+    first = int(np.searchsorted(low, tail / 2, side="right"))
+    high = np.cumsum(probs[::-1])
+    last = probs.size - int(np.searchsorted(high, tail / 2, side="right"))
+    first = min(first, last - 1)
+    kept = probs[first:last].copy()
+    kept[0] += low[first - 1] if first > 0 else 0.0
+    dropped_high = high[probs.size - last - 1] if last < probs.size else 0.0
+    return _PLD(kept, pld.offset + first, pld.step, pld.infinity_mass + dropped_high)
+
+
+def _support_bounds(pld: _PLD, times: int, tail: float) -> tuple[int, int]:
+    """Grid-index range [lo, hi] (relative to times·offset) holding all but ≤ tail of the
+    `times`-fold composition, by Chernoff bounds P(S ≥ s) ≤ E[e^{λS}] e^{−λs} at a fixed
+    ladder of orders λ and at orders around the Gaussian optimum
+    λ* ≈ sqrt(2 log(2/tail) / (T·Var L)); any λ gives a valid bound."""
+    probs = np.maximum(pld.probs, 0.0)
+    losses = pld.losses
+    with np.errstate(divide="ignore"):
+        log_p = np.log(probs)
+    total = probs.sum()
+    mean = float(probs @ losses) / total
+    var = max(float(probs @ (losses - mean) ** 2) / total, pld.step ** 2)
+    best = math.sqrt(2 * math.log(2 / tail) / (times * var))
+    orders = np.concatenate([2.0 ** np.arange(-4, 7), best * 2.0 ** np.arange(-2, 3)])
+    lo, hi = 0, (probs.size - 1) * times
+    for sign in (1.0, -1.0):
+        log_mgf = special.logsumexp(sign * orders[:, None] * losses[None, :] + log_p[None, :], axis=1)
+        bound = sign * (times * log_mgf + math.log(2 / tail)) / orders  # in loss units
+        index = bound / pld.step - times * pld.offset
+        if sign > 0:
+            hi = min(hi, int(math.ceil(np.min(index))))
+        else:
+            lo = max(lo, int(math.floor(np.max(index))))
+    return lo, hi
+
+
+def _self_compose(pld: _PLD, times: int) -> _PLD:
+    """The `times`-fold composition via one real FFT raised to a power."""
+    if times == 1:
+        return pld
+    lo, hi = _support_bounds(pld, times, _TAIL_MASS)
+    size = sp_fft.next_fast_len(max(hi - lo + 1, pld.probs.size), real=True)
+    spectrum = sp_fft.rfft(pld.probs, size) ** times
+    # Circular convolution: index k holds all sums ≡ k (mod size); the wanted window
+    # [lo, hi] fits in one period, so rolling by lo reads it out. Mass outside the
+    # window (≤ _TAIL_MASS) is counted at +∞ below.
+    probs = np.roll(sp_fft.irfft(spectrum, size), -lo)[: hi - lo + 1]
+    infinity = -math.expm1(times * math.log1p(-pld.infinity_mass)) + _TAIL_MASS
+    return _truncate(_PLD(probs, pld.offset * times + lo, pld.step, infinity), _TAIL_MASS)
+
+
+def _compose(a: _PLD, b: _PLD) -> _PLD:
+    if a.step != b.step:
+        raise ValueError("cannot compose PLDs with different resolutions.")
+    size = sp_fft.next_fast_len(a.probs.size + b.probs.size - 1, real=True)
+    probs = sp_fft.irfft(sp_fft.rfft(a.probs, size) * sp_fft.rfft(b.probs, size), size)
+    probs = probs[: a.probs.size + b.probs.size - 1]
+    infinity = 1 - (1 - a.infinity_mass) * (1 - b.infinity_mass)
+    return _truncate(_PLD(probs, a.offset + b.offset, a.step, infinity), _TAIL_MASS)
+
+
+def _tail_sums(pld: _PLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Suffix sums from the top loss down: mass and e^{-loss}-weighted mass at ≥ each loss."""
+    probs = np.maximum(pld.probs, 0.0)
+    losses = pld.losses
+    upper = np.cumsum(probs[::-1])[::-1] + pld.infinity_mass
+    lower = np.cumsum((probs * np.exp(-losses))[::-1])[::-1]
+    return losses, upper, lower
+
+
+def _delta_of(pld: _PLD, epsilons: np.ndarray) -> np.ndarray:
+    """δ(ε) = P(L = ∞) + Σ_{l > ε} p_l (1 − e^{ε − l}) for each ε."""
+    losses, upper, lower = _tail_sums(pld)
+    idx = np.searchsorted(losses, epsilons, side="right")
+    up = np.append(upper, pld.infinity_mass)[idx]
+    low = np.append(lower, 0.0)[idx]
+    return np.clip(up - np.exp(epsilons) * low, 0.0, 1.0)
+
+
+def _epsilon_of(pld: _PLD, target_delta: float) -> float:
+    """Smallest ε ≥ 0 with δ(ε) ≤ target_delta (math.inf if none)."""
+    if pld.infinity_mass > target_delta:
+        return math.inf
+    losses, upper, lower = _tail_sums(pld)
+    # δ at grid loss l_j counts the losses above it: suffix j + 1.
+    at_grid = np.append(upper[1:], pld.infinity_mass) - np.exp(losses) * np.append(lower[1:], 0.0)
+    j = int(np.argmax(at_grid <= target_delta))
+    if at_grid[j] > target_delta:
+        return math.inf
+    # On [l_{j−1}, l_j) the losses ≥ l_j count: δ(ε) = upper[j] − e^ε·lower[j].
+    floor = losses[j - 1] if j > 0 else -math.inf
+    if lower[j] > 0 and upper[j] > target_delta:
+        eps = min(max(math.log((upper[j] - target_delta) / lower[j]), floor), losses[j])
+    else:
+        eps = floor
+    return max(0.0, eps)
+
+
+# =========================================================================== public API
+
+
+def _kind(relation: Relation) -> str:
+    if isinstance(relation, AddRemove):
+        return "add_remove"
+    if isinstance(relation, (PatchLevel, ImageLevel, GaussianAugmentation)):
+        return "substitution"
+    raise ValueError(f"unknown relation {relation!r}; use PatchLevel, ImageLevel or AddRemove.")
+
+
+def _check_noise(noise_multiplier) -> float:
+    z = float(noise_multiplier)
+    if not (z > 0) or not math.isfinite(z):
+        raise ValueError(f"noise_multiplier z (noise std / clip norm) must be > 0, got {noise_multiplier}.")
+    return z
+
+
+def _check_delta(value) -> float:
+    value = float(value)
+    if not (0 < value < 1):
+        raise ValueError(f"delta must be in (0, 1), got {value}.")
+    return value
+
+
+def _check_epsilon(value) -> float:
+    value = float(value)
+    if not (value > 0) or not math.isfinite(value):
+        raise ValueError(f"epsilon must be a finite number > 0, got {value}.")
+    return value
+
+
+def _check_resolution(value) -> float:
+    value = float(value)
+    if not (0 < value <= 0.1):
+        raise ValueError(f"resolution (PLD grid spacing in nats) must be in (0, 0.1], got {value}.")
+    return value
+
+
+def _composed(noise_multiplier: float, steps: int, sampling: Sampling, relation: Relation,
+              resolution: float) -> tuple[_PLD, ...]:
+    rate = effective_sampling_rate(sampling, relation)
+    one = _single_step(_kind(relation), rate, _check_noise(noise_multiplier), _check_resolution(resolution))
+    return tuple(_self_compose(p, _check_count("steps", steps)) for p in one)
+
+
+def epsilon(noise_multiplier: float, steps: int, delta: float, *, sampling: Sampling,
+            relation: Relation, resolution: float = DEFAULT_RESOLUTION) -> float:
+    """ε such that T steps of DP-SGD with noise multiplier z are (ε, δ)-DP under the
+    relation (an upper bound, tight up to the discretisation ``resolution``)."""
+    target = _check_delta(delta)
+    plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
+    return max(_epsilon_of(p, target) for p in plds)
+
+
+def delta(noise_multiplier: float, steps: int, epsilon: float, *, sampling: Sampling,
+          relation: Relation, resolution: float = DEFAULT_RESOLUTION) -> float:
+    """δ(ε) after T steps: the smallest δ (up to discretisation, rounded up) such that the
+    training is (ε, δ)-DP under the relation."""
+    if not (float(epsilon) >= 0):
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    return float(privacy_profile(noise_multiplier, steps, [float(epsilon)], sampling=sampling,
+                                 relation=relation, resolution=resolution)[0])
+
+
+def privacy_profile(noise_multiplier: float, steps: int, epsilons: Sequence[float], *,
+                    sampling: Sampling, relation: Relation,
+                    resolution: float = DEFAULT_RESOLUTION) -> np.ndarray:
+    """The privacy profile δ(ε) after T steps on a grid of ε (any order, ε ≥ 0)."""
+    eps = np.asarray(epsilons, dtype=np.float64)
+    if eps.ndim != 1 or (eps < 0).any() or not np.isfinite(eps).all():
+        raise ValueError("epsilons must be a 1-D sequence of finite values >= 0.")
+    plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
+    return np.max([_delta_of(p, eps) for p in plds], axis=0)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, steps: int, *, sampling: Sampling,
+                    relation: Relation, resolution: float = DEFAULT_RESOLUTION,
+                    rtol: float = 1e-3, max_noise: float = 1e4) -> float:
+    """Smallest noise multiplier z (to relative tolerance ``rtol``, rounded up) such that
+    T steps are (target_epsilon, δ)-DP under the relation.
+
+    The search runs on a 10× coarser grid first (fast, pessimistic) and finishes on the
+    requested one; the returned z always satisfies ε(z) ≤ target at ``resolution``.
+    """
+    target = _check_epsilon(target_epsilon)
+    _check_delta(delta)
+    _check_count("steps", steps)
+    effective_sampling_rate(sampling, relation)
+
+    def eps_at(z, res):
+        return epsilon(z, steps, delta, sampling=sampling, relation=relation, resolution=res)
+
+    if eps_at(max_noise, resolution) > target:
+        raise ValueError(f"target ε = {target} at δ = {delta} is unreachable in {steps} steps even "
+                         f"with noise multiplier {max_noise:g}: raise ε or δ, or take fewer steps.")
+    coarse = min(10 * resolution, 0.1)
+    # Bracket the coarse root on a log scale, then bisect it.
+    low, high = _bracket(lambda z: eps_at(z, coarse) <= target, start=1.0, limit=max_noise)
+    low, high = _bisect(lambda z: eps_at(z, coarse) <= target, low, high, rtol / 4)
+    # The fine accountant is tighter, so the fine root is at most `high`; bisect down.
+    def fine_ok(z):
+        return eps_at(z, resolution) <= target
+
+    low = min(low, high * 0.98)
+    if not fine_ok(high) or fine_ok(low):  # rare: the coarse bracket does not hold
+        low, high = _bracket(fine_ok, start=high, limit=max_noise)
+    return _bisect(fine_ok, low, high, rtol)[1]
+
+
+def _bracket(ok, start: float, limit: float) -> tuple[float, float]:
+    """(low, high) with ok(high) true and ok(low) false (or low tiny), by doubling/halving."""
+    z = start
+    if ok(z):
+        while z > 1e-3 and ok(z / 2):
+            z /= 2
+        return z / 2, z
+    while not ok(z * 2):
+        z *= 2
+        if z > limit:
+            raise ValueError("noise calibration failed to bracket the target.")
+    return z, z * 2
+
+
+def _bisect(ok, low: float, high: float, rtol: float) -> tuple[float, float]:
+    while high - low > rtol * high:
+        mid = math.sqrt(low * high)
+        if ok(mid):
+            high = mid
+        else:
+            low = mid
+    return low, high
+
+
+def max_steps(noise_multiplier: float, target_epsilon: float, delta: float, *,
+              sampling: Sampling, relation: Relation,
+              resolution: float = DEFAULT_RESOLUTION, limit: int = 10 ** 7) -> int:
+    """The largest T such that T steps at noise multiplier z stay (target_epsilon, δ)-DP
+    (0 if even one step exceeds the budget; ``limit`` if the budget allows more)."""
+    target = _check_epsilon(target_epsilon)
+
+    def ok(t):
+        return epsilon(noise_multiplier, t, delta, sampling=sampling, relation=relation,
+                       resolution=resolution) <= target
+
+    return _last_true(ok, 1, limit)
+
+
+def _last_true(ok, first: int, limit: int) -> int:
+    """Largest t in [first, limit] with ok(t), for monotone ok (first − 1 if none)."""
+    if not ok(first):
+        return first - 1
+    low, high = first, first
+    while high < limit and ok(high):
+        low, high = high, min(2 * high, limit)
+    if ok(high):
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid)
+    return low
+
+
+# =========================================================================== ledger
+
+
+class Ledger:
+    """Incremental privacy ledger for a training run.
+
+    Records the steps actually taken (in runs of equal noise multiplier), answers ε so
+    far at δ, and how many more steps fit a budget. Queries are cached: ε so far is one
+    FFT per distinct noise level (never a step-by-step recomposition), and
+    ``remaining_steps`` is computed once per noise level by bisection, so the per-step
+    check "would the next step exceed the budget?" is O(1).
+
+    ``to_dict``/``from_dict`` give a JSON-serialisable state for checkpoints.
+    """
+
+    def __init__(self, *, sampling: Sampling, relation: Relation, delta: float,
+                 budget_epsilon: float | None = None, resolution: float = DEFAULT_RESOLUTION):
+        effective_sampling_rate(sampling, relation)
+        self.sampling, self.relation = sampling, relation
+        self.delta = _check_delta(delta)
+        self.budget_epsilon = None if budget_epsilon is None else _check_epsilon(budget_epsilon)
+        self.resolution = _check_resolution(resolution)
+        self._runs: list[list] = []   # [noise_multiplier, count], consecutive z merged
+        self._cache: dict = {}        # pure function of its keys: never invalidated
+
+    @property
+    def steps(self) -> int:
+        return sum(count for _, count in self._runs)
+
+    def step(self, noise_multiplier: float, count: int = 1) -> None:
+        """Records ``count`` steps taken at noise multiplier z."""
+        z = _check_noise(noise_multiplier)
+        _check_count("count", count)
+        if self._runs and self._runs[-1][0] == z:
+            self._runs[-1][1] += count
+        else:
+            self._runs.append([z, count])
+
+    def _composed_runs(self, runs: tuple) -> tuple[_PLD, ...] | None:
+        """The PLD(s) of a sequence of (z, count) runs; None for no steps (cached)."""
+        if not runs:
+            return None
+        if runs not in self._cache:
+            parts = [_composed(z, n, self.sampling, self.relation, self.resolution) for z, n in runs]
+            self._cache[runs] = functools.reduce(lambda a, b: tuple(map(_compose, a, b)), parts)
+        return self._cache[runs]
+
+    def _epsilon_after(self, prefix: tuple, z: float, extra: int) -> float:
+        plds = _composed(z, extra, self.sampling, self.relation, self.resolution)
+        before = self._composed_runs(prefix)
+        if before is not None:
+            plds = tuple(map(_compose, before, plds))
+        return max(_epsilon_of(p, self.delta) for p in plds)
+
+    def epsilon(self) -> float:
+        """ε spent so far at the ledger's δ (0 before the first step)."""
+        if not self._runs:
+            return 0.0
+        *prefix, (z, count) = self._runs
+        key = ("epsilon", tuple(map(tuple, self._runs)))
+        if key not in self._cache:
+            self._cache[key] = self._epsilon_after(tuple(map(tuple, prefix)), z, count)
+        return self._cache[key]
+
+    def remaining_steps(self, noise_multiplier: float, limit: int = 10 ** 7) -> int:
+        """How many more steps at noise multiplier z keep ε within the budget."""
+        if self.budget_epsilon is None:
+            raise ValueError("this ledger has no budget_epsilon; pass one to Ledger(...).")
+        z = _check_noise(noise_multiplier)
+        runs = [tuple(r) for r in self._runs]
+        done = runs.pop()[1] if runs and runs[-1][0] == z else 0
+        key = ("affordable", tuple(runs), z)
+        if key not in self._cache:
+            self._cache[key] = _last_true(
+                lambda extra: self._epsilon_after(tuple(runs), z, extra) <= self.budget_epsilon, 1, limit)
+        return max(self._cache[key] - done, 0)
+
+    def can_step(self, noise_multiplier: float) -> bool:
+        """Would one more step at z keep ε within the budget?"""
+        return self.remaining_steps(noise_multiplier) >= 1
+
+    def to_dict(self) -> dict:
+        return {
+            "sampling": {"type": type(self.sampling).__name__, **dataclasses.asdict(self.sampling)},
+            "relation": {"type": type(self.relation).__name__, **dataclasses.asdict(self.relation)},
+            "delta": self.delta, "budget_epsilon": self.budget_epsilon,
+            "resolution": self.resolution, "runs": [list(r) for r in self._runs],
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Ledger":
+        kinds = {c.__name__: c for c in (FixedSizeSampling, PoissonSampling, PatchLevel,
+                                         ImageLevel, GaussianAugmentation, AddRemove)}
+
+        def build(spec):
+            spec = dict(spec)
+            return kinds[spec.pop("type")](**spec)
+
+        ledger = cls(sampling=build(state["sampling"]), relation=build(state["relation"]),
+                     delta=state["delta"], budget_epsilon=state["budget_epsilon"],
+                     resolution=state["resolution"])
+        for z, count in state["runs"]:
+            ledger.step(z, count)
+        return ledger
+
+
+# =========================================================================== closed forms
+
+
+def gaussian_mechanism_delta(epsilon, mu: float):
+    """δ(ε) of the Gaussian mechanism with sensitivity/std = μ (Balle & Wang 2018):
+    Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2). T-fold composition: μ·sqrt(T)."""
+    eps = np.asarray(epsilon, dtype=np.float64)
+    a = special.log_ndtr(-eps / mu + mu / 2)
+    b = eps + special.log_ndtr(-eps / mu - mu / 2)
+    return np.exp(a) * -np.expm1(np.minimum(b - a, 0.0))
+
+
+def gaussian_mechanism_epsilon(mu: float, delta: float) -> float:
+    """ε(δ) of the Gaussian mechanism with sensitivity/std = μ (exact, by root finding)."""
+    _check_delta(delta)
+    if gaussian_mechanism_delta(0.0, mu) <= delta:
+        return 0.0
+    high = 1.0
+    while gaussian_mechanism_delta(high, mu) > delta:
+        high *= 2
+    return optimize.brentq(lambda e: float(gaussian_mechanism_delta(e, mu)) - delta, 0.0, high,
+                           xtol=1e-12, rtol=1e-12)
+
+
+def data_level_noise_profile(epsilons, noise_std: float, patch_area: int, channels: int = 3,
+                             pixel_range: float = 255.0) -> np.ndarray:
+    """COMPARATOR: δ(ε) of adding N(0, σ²) once to every pixel of the data (input
+    perturbation; training afterwards is post-processing). A patch of ``patch_area``
+    pixels changes the image by at most sqrt(area·channels)·pixel_range in L2."""
+    sensitivity = math.sqrt(patch_area * channels) * pixel_range
+    return gaussian_mechanism_delta(epsilons, sensitivity / noise_std)
+

@@ -1,0 +1,251 @@
+"""The accountant against closed forms, direct numerical integration of the dominating
+pair, dp_accounting's own PLD composition and its RDP accountant."""
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.pld import pld_pmf
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from scipy import integrate, stats
+
+from patchdp import accounting as acc
+from patchdp.accounting import (AddRemove, FixedSizeSampling, GaussianAugmentation, ImageLevel,
+                                Ledger, PatchLevel, PoissonSampling)
+
+COARSE = 1e-3  # grid spacing for tests that do not probe the last digits
+
+
+def pair_delta(eps, w, z, sensitivity=2.0, reverse=False):
+    """H_{e^eps} of P = (1-w)N(0,z²) + wN(Δ,z²) against Q = N(0,z²) (or Q against P),
+    by adaptive quadrature of (p − e^ε q)_+ : independent of the library's closed form."""
+    p = lambda x: (1 - w) * stats.norm.pdf(x, 0, z) + w * stats.norm.pdf(x, sensitivity, z)
+    q = lambda x: stats.norm.pdf(x, 0, z)
+    if reverse:
+        p, q = q, p
+    f = lambda x: max(p(x) - math.exp(eps) * q(x), 0.0)
+    lo, hi = -12 * z - 2, 12 * z + sensitivity + 2
+    return integrate.quad(f, lo, hi, points=[sensitivity / 2], limit=400, epsabs=1e-14, epsrel=1e-10)[0]
+
+
+# ------------------------------------------------------------------ closed forms
+
+@pytest.mark.parametrize("z,steps", [(1.0, 1), (2.0, 10), (4.0, 1000), (0.8, 3)])
+def test_no_subsampling_is_the_gaussian_mechanism(z, steps):
+    # w = 1: every step is the Gaussian mechanism with sensitivity 2 (units of C), and T
+    # of them compose to μ = 2·sqrt(T)/z, whose ε(δ) has a closed form (Balle & Wang 2018).
+    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(1.0), relation=ImageLevel())
+    want = acc.gaussian_mechanism_epsilon(2 * math.sqrt(steps) / z, 1e-5)
+    assert want <= got <= want * (1 + 1e-5) + 1e-6
+
+
+def test_add_remove_without_subsampling_has_sensitivity_one():
+    got = acc.epsilon(2.0, 50, 1e-6, sampling=PoissonSampling(1.0), relation=AddRemove())
+    want = acc.gaussian_mechanism_epsilon(math.sqrt(50) / 2.0, 1e-6)
+    assert want <= got <= want * (1 + 1e-5)
+
+
+def test_gaussian_closed_form_against_integration():
+    mu = 1.3
+    for eps in [0.0, 0.5, 2.0]:
+        f = lambda x: max(stats.norm.pdf(x, mu) - math.exp(eps) * stats.norm.pdf(x), 0.0)
+        want = integrate.quad(f, -15, 15, points=[mu / 2], epsabs=1e-14)[0]
+        assert acc.gaussian_mechanism_delta(eps, mu) == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+# ------------------------------------------------------------------ one step
+
+@pytest.mark.parametrize("w,z", [(0.02, 1.0), (0.3, 0.7), (1e-3, 2.0), (1.0, 1.5)])
+def test_one_step_profile_matches_numerical_integration(w, z):
+    # The hockey-stick closed form against quadrature, at and between grid points; the
+    # discretised PLD is exact at grid points and pessimistic between them.
+    eps = np.array([0.0, 0.05, 0.3, 1.0, 2.5])
+    want = np.array([pair_delta(e, w, z) for e in eps])
+    np.testing.assert_allclose(acc._hockey_stick(eps, w, 2.0 / z), want, rtol=1e-8, atol=1e-15)
+    got = acc.privacy_profile(z, 1, eps, sampling=PoissonSampling(w), relation=ImageLevel())
+    assert (got >= want - 1e-12).all()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("w,z", [(0.02, 1.0), (0.3, 0.7)])
+def test_switching_pld_negative_half_is_the_add_pair(w, z):
+    # For ε < 0 the one profile must be the "add" branch: Q against P.
+    (pld,) = acc._single_step("substitution", w, z, COARSE)
+    for eps in [-0.02, -0.2, -1.0]:
+        want = pair_delta(eps, w, z, reverse=True)
+        assert acc._delta_of(pld, np.array([eps]))[0] == pytest.approx(want, rel=2e-3, abs=1e-12)
+    # and a proper distribution: total mass 1, E[e^{-L}] ≤ 1
+    assert pld.probs.sum() + pld.infinity_mass == pytest.approx(1, abs=1e-12)
+    assert (pld.probs * np.exp(-pld.losses)).sum() <= 1 + 1e-12
+
+
+def test_one_step_is_max_of_remove_and_add_for_every_epsilon():
+    w, z = 0.05, 1.0
+    for eps in [0.01, 0.4, 1.5]:
+        remove, add = pair_delta(eps, w, z), pair_delta(eps, w, z, reverse=True)
+        assert remove >= add  # the remove branch dominates for ε ≥ 0 (Zhu et al. 2022)
+        got = acc.delta(z, 1, eps, sampling=PoissonSampling(w), relation=ImageLevel())
+        assert got == pytest.approx(max(remove, add), rel=1e-3)
+
+
+# ------------------------------------------------------------------ composition
+
+def _to_dp_accounting(pld):
+    """Our single-step PLD as a dp_accounting object, to compose with their code."""
+    pmf = pld_pmf.DensePLDPmf(pld.step, pld.offset, pld.probs.copy(), pld.infinity_mass, True)
+    return pld_lib.PrivacyLossDistribution(pmf)
+
+
+@pytest.mark.parametrize("w,z,steps", [(0.02, 1.0, 300), (0.005, 0.8, 3000), (0.3, 3.0, 20)])
+def test_fft_composition_and_queries_agree_with_dp_accounting(w, z, steps):
+    (one,) = acc._single_step("substitution", w, z, COARSE)
+    theirs = _to_dp_accounting(one).self_compose(steps)
+    ours = acc._self_compose(one, steps)
+    for delta in [1e-3, 1e-5, 1e-8]:
+        assert acc._epsilon_of(ours, delta) == pytest.approx(theirs.get_epsilon_for_delta(delta), rel=1e-6, abs=1e-9)
+    eps = np.array([0.1, 0.5, 1.0, 3.0])
+    np.testing.assert_allclose(acc._delta_of(ours, eps), theirs.get_delta_for_epsilon(eps), rtol=1e-6, atol=1e-13)
+
+
+def test_reading_dp_accounting_pmfs():
+    # We read DensePLDPmf's private arrays; check the reading against its own δ(ε).
+    pld = pld_lib.from_gaussian_mechanism(1.0, sampling_prob=0.01, value_discretization_interval=COARSE)
+    for pmf in (pld._pmf_remove, pld._pmf_add):
+        ours = acc._from_dp_accounting(pmf)
+        eps = np.array([0.0, 0.1, 0.7])
+        np.testing.assert_allclose(acc._delta_of(ours, eps), pmf.get_delta_for_epsilon(eps), rtol=1e-12, atol=1e-16)
+
+
+def test_add_remove_matches_dp_accounting_pld_accountant():
+    q, z, steps = 0.01, 1.1, 2000
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=acc.DEFAULT_RESOLUTION)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+    want = accountant.get_epsilon(1e-5)
+    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(q), relation=AddRemove())
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("w,z,steps", [(0.01, 1.0, 1000), (0.0146 * 1e-3, 1.0, 10 ** 5), (0.1, 4.0, 100), (0.5, 2.0, 10)])
+def test_rdp_is_never_below_pld(w, z, steps):
+    # Independent upper bound. dp_accounting's RDP for the Poisson-subsampled Gaussian
+    # bounds the pair (1-w)N(0,σ²)+wN(1,σ²) vs N(0,σ²) in sensitivity-1 units; our pair
+    # has sensitivity Δ = 2 in units of C, i.e. noise multiplier σ = z / 2 there. (Its
+    # REPLACE_ONE relation would instead mean sensitivity 2 with σ = z, another scaling.)
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(dp_accounting.PoissonSampledDpEvent(w, dp_accounting.GaussianDpEvent(z / 2)), steps)
+    ours = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(w), relation=ImageLevel())
+    assert 0 < ours <= rdp.get_epsilon(1e-5)
+
+
+def test_patch_level_is_image_level_at_rate_q_times_p():
+    sampling = FixedSizeSampling(100, 10 ** 5)
+    patch = acc.epsilon(1.0, 1000, 1e-5, sampling=sampling, relation=PatchLevel(0.0146), resolution=COARSE)
+    same = acc.epsilon(1.0, 1000, 1e-5, sampling=PoissonSampling(1e-3 * 0.0146), relation=ImageLevel(), resolution=COARSE)
+    image = acc.epsilon(1.0, 1000, 1e-5, sampling=sampling, relation=ImageLevel(), resolution=COARSE)
+    assert patch == same
+    assert patch < image / 5
+
+
+def test_monotone_in_noise_steps_and_rate():
+    s = PoissonSampling(0.01)
+    e = lambda z=1.0, t=500, w=0.3: acc.epsilon(z, t, 1e-5, sampling=s, relation=PatchLevel(w), resolution=COARSE)
+    base = e()
+    assert e(z=1.2) < base < e(z=0.8)
+    assert e(t=400) < base < e(t=600)
+    assert e(w=0.2) < base < e(w=0.4)
+
+
+def test_profile_is_decreasing_and_consistent_with_epsilon():
+    kw = dict(sampling=FixedSizeSampling(64, 6000), relation=PatchLevel(0.1))
+    eps_grid = np.linspace(0, 5, 26)
+    prof = acc.privacy_profile(1.0, 2000, eps_grid, **kw)
+    assert (np.diff(prof) <= 1e-15).all()
+    e = acc.epsilon(1.0, 2000, 1e-6, **kw)
+    assert acc.delta(1.0, 2000, e, **kw) <= 1e-6 * (1 + 1e-9)
+    assert acc.delta(1.0, 2000, e * 0.99, **kw) > 1e-6
+
+
+# ------------------------------------------------------------------ calibration, budgets
+
+def test_calibrate_noise_is_the_smallest_sufficient_noise():
+    kw = dict(sampling=FixedSizeSampling(200, 2975), relation=PatchLevel(0.329))
+    z = acc.calibrate_noise(4.0, 1e-5, 300, **kw)
+    assert acc.epsilon(z, 300, 1e-5, **kw) <= 4.0
+    assert acc.epsilon(z * (1 - 2e-3), 300, 1e-5, **kw) > 4.0
+
+
+def test_calibration_patch_needs_less_noise_than_image():
+    s = FixedSizeSampling(100, 10 ** 5)
+    z_patch = acc.calibrate_noise(1.0, 1e-5, 1000, sampling=s, relation=PatchLevel(0.0146), resolution=COARSE)
+    z_image = acc.calibrate_noise(1.0, 1e-5, 1000, sampling=s, relation=ImageLevel(), resolution=COARSE)
+    assert z_patch < z_image
+
+
+def test_max_steps():
+    kw = dict(sampling=PoissonSampling(0.02), relation=PatchLevel(0.2), resolution=COARSE)
+    t = acc.max_steps(1.0, 2.0, 1e-5, **kw)
+    assert t > 0
+    assert acc.epsilon(1.0, t, 1e-5, **kw) <= 2.0 < acc.epsilon(1.0, t + 1, 1e-5, **kw)
+    assert acc.max_steps(0.3, 0.01, 1e-5, **kw) == 0
+
+
+def test_ledger_composes_runs_and_answers_budget_questions():
+    kw = dict(sampling=FixedSizeSampling(50, 5000), relation=PatchLevel(0.25), resolution=COARSE)
+    ledger = Ledger(delta=1e-5, budget_epsilon=6.0, **kw)
+    assert ledger.epsilon() == 0.0
+    ledger.step(1.0, 300)
+    assert ledger.epsilon() == pytest.approx(acc.epsilon(1.0, 300, 1e-5, **kw), rel=1e-12)
+    for _ in range(5):
+        ledger.step(1.0)
+    assert ledger.steps == 305
+    ledger.step(2.0, 100)
+    # Two different noise levels: equals the composition done by hand.
+    by_hand = acc._compose(acc._self_compose(acc._single_step("substitution", 0.0025, 1.0, COARSE)[0], 305),
+                           acc._self_compose(acc._single_step("substitution", 0.0025, 2.0, COARSE)[0], 100))
+    assert ledger.epsilon() == pytest.approx(acc._epsilon_of(by_hand, 1e-5), rel=1e-9)
+    left = ledger.remaining_steps(2.0)
+    assert left > 0
+    more = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert more.epsilon() == ledger.epsilon() and more.steps == ledger.steps
+    more.step(2.0, left)
+    assert more.epsilon() <= 6.0 and not more.can_step(2.0)
+    more.step(2.0)
+    assert more.epsilon() > 6.0
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: acc.epsilon(0, 10, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "noise_multiplier"),
+    (lambda: acc.epsilon(1, 0, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "steps"),
+    (lambda: acc.epsilon(1, 10, 1.0, sampling=PoissonSampling(0.1), relation=ImageLevel()), "delta"),
+    (lambda: acc.epsilon(1, 10, 0.0, sampling=PoissonSampling(0.1), relation=ImageLevel()), "delta"),
+    (lambda: acc.epsilon(1, 10.5, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "steps"),
+    (lambda: PoissonSampling(0.0), r"\(0, 1\]"),
+    (lambda: PoissonSampling(1.5), r"\(0, 1\]"),
+    (lambda: FixedSizeSampling(10, 5), "exceeds"),
+    (lambda: PatchLevel(0.0), "inclusion probability"),
+    (lambda: acc.calibrate_noise(-1, 1e-5, 10, sampling=PoissonSampling(0.1), relation=ImageLevel()), "epsilon"),
+    (lambda: acc.calibrate_noise(1e-4, 1e-12, 10 ** 5, sampling=PoissonSampling(1.0), relation=ImageLevel(),
+                                 max_noise=10.0), "unreachable"),
+    (lambda: acc.epsilon(1, 10, 1e-5, sampling=FixedSizeSampling(10, 100), relation=AddRemove()), "Poisson"),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ------------------------------------------------------------------ comparators
+
+def test_gaussian_augmentation_rate_is_total_variation():
+    aug = GaussianAugmentation(noise_std=30.0, patch_sensitivity=50.0)
+    f = lambda x: abs(stats.norm.pdf(x, 0, 30) - stats.norm.pdf(x, 50, 30)) / 2
+    tv = integrate.quad(f, -400, 450, points=[25], epsabs=1e-13)[0]
+    assert aug.amplification == pytest.approx(tv, rel=1e-9)
+    assert acc.effective_sampling_rate(PoissonSampling(0.1), aug) == pytest.approx(0.1 * tv)
+
+
+def test_data_level_noise_is_a_gaussian_mechanism_on_pixels():
+    got = acc.data_level_noise_profile([1.0], noise_std=255.0, patch_area=4, channels=3)
+    mu = math.sqrt(12) * 255 / 255.0
+    assert got[0] == pytest.approx(acc.gaussian_mechanism_delta(1.0, mu))
