@@ -1,0 +1,257 @@
+"""The ``patchdp`` command line.
+
+    patchdp privacy    ε for patch-level vs image-level DP-SGD at a given noise
+    patchdp calibrate  the noise each needs for a target ε
+    patchdp inclusion  p* and a heatmap of p(t)
+    patchdp demo       the embedded default configuration, end to end
+
+Every bad input exits with status 2 and one line on stderr saying what is wrong and how
+to fix it. ``--json`` prints one JSON object instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from patchdp import accounting, report
+from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map, inclusion_probability
+
+# The embedded default: the paper's Cityscapes setting (SCIENCE.md §5) with noise std 2
+# on a clip norm of 2, i.e. z = 1.
+DEFAULTS = dict(image_size="1024x2048", crop="505", padding=0, crops_per_example=1,
+                patch="rect:10x10", batch_size=200, dataset_size=2975, epochs=100.0,
+                sampling="fixed", noise=1.0, delta=1e-5)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def _size(text: str, what: str) -> tuple[int, int]:
+    """'100' → (100, 100); '100x200' → (100, 200)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise CliError(f"{what} must be N or HxW with positive integers, got {text!r}.")
+    h, w = (int(parts[0]), int(parts[-1]))
+    if h < 1 or w < 1:
+        raise CliError(f"{what} must be positive, got {text!r}.")
+    return h, w
+
+
+def parse_patch(text: str) -> Patch:
+    """rect:HxW | disc:D | blob:D | cluster:D[:GAP] | path/to/mask.npy"""
+    if text.endswith(".npy"):
+        path = Path(text)
+        if not path.exists():
+            raise CliError(f"patch mask file {text} does not exist.")
+        return Patch.from_mask(np.load(path), name=path.stem)
+    kind, _, arg = text.partition(":")
+    if kind == "rect":
+        return Patch.rectangle(*_size(arg, "rect patch size"))
+    if kind in ("disc", "blob", "cluster"):
+        numbers = arg.split(":")
+        if not all(n.isdigit() for n in numbers) or not 1 <= len(numbers) <= (2 if kind == "cluster" else 1):
+            raise CliError(f"{kind} patch needs a diameter, e.g. {kind}:10, got {text!r}.")
+        return getattr(Patch, kind)(*map(int, numbers))
+    raise CliError(f"unknown patch {text!r}: use rect:HxW, disc:D, blob:D, cluster:D[:GAP] or a .npy mask.")
+
+
+def _crop_spec(args) -> CropSpec:
+    if args.crop_sizes:
+        sizes, probs = [], []
+        for item in args.crop_sizes.split(","):
+            size, _, prob = item.partition(":")
+            try:
+                probs.append(float(prob))
+            except ValueError:
+                raise CliError(f"--crop-sizes items are HxW:PROB, got {item!r}.") from None
+            sizes.append(_size(size, "crop size"))
+        output = _size(args.output_size, "--output-size") if args.output_size else None
+        return CropSpec(sizes, probabilities=probs, padding=args.padding,
+                        crops_per_example=args.crops_per_example, output_size=output)
+    return CropSpec(_size(args.crop, "--crop"), padding=args.padding,
+                    crops_per_example=args.crops_per_example)
+
+
+def _sampling(args):
+    if args.sampling == "fixed":
+        return accounting.FixedSizeSampling(args.batch_size, args.dataset_size)
+    return accounting.PoissonSampling(args.batch_size / args.dataset_size, args.dataset_size)
+
+
+def _steps(args, sampling) -> int:
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CliError(f"--steps must be >= 1, got {args.steps}.")
+        return args.steps
+    return report.steps_for_epochs(args.epochs, sampling)
+
+
+def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = True) -> None:
+    d = DEFAULTS
+    g = p.add_argument_group("image, crops and patch")
+    g.add_argument("--image-size", default=d["image_size"], help="H or HxW in pixels (default %(default)s)")
+    g.add_argument("--crop", default=d["crop"], help="crop size C or HxW (default %(default)s)")
+    g.add_argument("--crop-sizes", help="random-resized crops: HxW:PROB,HxW:PROB,... (overrides --crop)")
+    g.add_argument("--output-size", help="size mixed crops are resized to (with --crop-sizes)")
+    g.add_argument("--padding", type=int, default=d["padding"], help="zero padding P per side (default %(default)s)")
+    g.add_argument("--crops-per-example", "-K", type=int, default=d["crops_per_example"],
+                   help="K crops per example, losses averaged before clipping (default %(default)s)")
+    g.add_argument("--patch", default=d["patch"],
+                   help="rect:HxW, disc:D, blob:D, cluster:D[:GAP] or a .npy boolean mask (default %(default)s)")
+    if not accounting_args:
+        return
+    g = p.add_argument_group("training and accounting")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="B, or the expected batch for Poisson")
+    g.add_argument("--dataset-size", type=int, default=d["dataset_size"], help="N")
+    g.add_argument("--epochs", type=float, default=d["epochs"], help="epochs (steps = ceil(epochs / q))")
+    g.add_argument("--steps", type=int, help="number of steps T (overrides --epochs)")
+    g.add_argument("--sampling", choices=("fixed", "poisson"), default=d["sampling"],
+                   help="fixed-size batches without replacement (q = B/N) or Poisson with rate B/N")
+    g.add_argument("--delta", type=float, default=d["delta"], help="δ (default %(default)s)")
+    g.add_argument("--resolution", type=float, default=accounting.DEFAULT_RESOLUTION,
+                   help="PLD grid spacing in nats (default %(default)s)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _setting(args) -> dict:
+    sampling = _sampling(args)
+    return dict(image_shape=image_hw(_size(args.image_size, "--image-size")), crop=_crop_spec(args),
+                patch=parse_patch(args.patch), sampling=sampling, steps=_steps(args, sampling),
+                delta=args.delta, resolution=args.resolution)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _describe(setting: dict, args) -> list[tuple[str, str]]:
+    crop = setting["crop"]
+    sizes = ", ".join(f"{h}x{w}" + (f" ({p:g})" if len(crop.sizes) > 1 else "")
+                      for (h, w), p in zip(crop.sizes, crop.probabilities))
+    return [
+        ("image", "x".join(map(str, setting["image_shape"]))),
+        ("crop", f"{sizes}, padding {crop.padding}, K = {crop.crops_per_example}"),
+        ("patch", f"{setting['patch'].name} ({setting['patch'].area} px)"),
+        ("sampling", f"{args.sampling}, batch {args.batch_size} of {args.dataset_size}"),
+        ("steps T", f"{setting['steps']}"),
+        ("delta", f"{setting['delta']:g}"),
+    ]
+
+
+def _print(result: dict, rows, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(_table(rows))
+
+
+def cmd_privacy(args) -> None:
+    setting = _setting(args)
+    r = report.privacy_report(noise_multiplier=args.noise, **setting)
+    rows = _describe(setting, args) + [
+        ("noise multiplier z", f"{args.noise:g}  (noise std = z · clip norm)"),
+        ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
+        ("q   (sampling rate)", f"{r['sampling_rate']:.6g}"),
+        ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
+        ("ε patch-level", f"{r['epsilon_patch']:.4f}"),
+        ("ε image-level", f"{r['epsilon_image']:.4f}"),
+        ("ratio image / patch", f"{r['epsilon_ratio']:.2f}x"),
+    ]
+    _print(r, rows, args.json)
+
+
+def cmd_calibrate(args) -> None:
+    setting = _setting(args)
+    r = report.noise_report(target_epsilon=args.epsilon, **setting)
+    rows = _describe(setting, args) + [
+        ("target ε", f"{args.epsilon:g}"),
+        ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
+        ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
+        ("noise z, patch-level", f"{r['noise_multiplier_patch']:.4f}"),
+        ("noise z, image-level", f"{r['noise_multiplier_image']:.4f}"),
+        ("ratio image / patch", f"{r['noise_ratio']:.2f}x"),
+    ]
+    _print(r, rows, args.json)
+
+
+def cmd_inclusion(args) -> None:
+    image = image_hw(_size(args.image_size, "--image-size"))
+    crop, patch = _crop_spec(args), parse_patch(args.patch)
+    p_star = inclusion_probability(image, crop, patch)
+    result = {"inclusion_probability": p_star,
+              "inclusion_probability_exact": str(inclusion_probability(image, crop, patch, exact=True))}
+    if args.heatmap:
+        from patchdp import plots
+        p_map = inclusion_map(image, crop, patch)
+        result["heatmap"] = str(plots.inclusion_heatmap(
+            p_map, args.heatmap, title=f"p(t): {patch.name}, crop {args.crop}, padding {crop.padding}; p* = {p_star:.4g}"))
+    rows = [("p*", f"{p_star:.6g}"), ("exact", result["inclusion_probability_exact"])]
+    if args.heatmap:
+        rows.append(("heatmap", result["heatmap"]))
+    _print(result, rows, args.json)
+
+
+def cmd_demo(args) -> None:
+    args = argparse.Namespace(**{**DEFAULTS, "crop_sizes": None, "output_size": None, "steps": None,
+                                 "resolution": accounting.DEFAULT_RESOLUTION, "json": args.json})
+    if not args.json:
+        print("patchdp demo: the paper's Cityscapes setting (1024x2048 images, 505x505 crops, "
+              "10x10 patch,\nbatch 200 of 2975, 100 epochs, noise std 2 on clip norm 2, δ = 1e-5).\n")
+    cmd_privacy(args)
+    if not args.json:
+        setting = _setting(args)
+        r = report.privacy_report(noise_multiplier=args.noise, **setting)
+        z_image = accounting.calibrate_noise(r["epsilon_patch"], args.delta, setting["steps"],
+                                             sampling=setting["sampling"], relation=accounting.ImageLevel())
+        print(_table([("noise image-level DP needs for the same ε", f"z = {z_image:.4f} "
+                       f"({z_image / args.noise:.2f}x the noise)")]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="patchdp", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("privacy", help="ε for patch-level vs image-level DP-SGD at a given noise")
+    _add_setting_arguments(p)
+    p.add_argument("--noise", "-z", type=float, default=DEFAULTS["noise"],
+                   help="noise multiplier z = noise std / clip norm (default %(default)s)")
+    p.set_defaults(run=cmd_privacy)
+    p = sub.add_parser("calibrate", help="noise needed for a target ε, patch-level vs image-level")
+    _add_setting_arguments(p)
+    p.add_argument("--epsilon", "-e", type=float, required=True, help="target ε")
+    p.set_defaults(run=cmd_calibrate)
+    p = sub.add_parser("inclusion", help="worst-case inclusion probability p* and a heatmap of p(t)")
+    _add_setting_arguments(p, accounting_args=False)
+    p.add_argument("--heatmap", help="write a PNG heatmap of p(t) here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_inclusion)
+    p = sub.add_parser("demo", help="the embedded default configuration")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except (CliError, ValueError) as err:
+        print(f"patchdp: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The numbers a user asks for, side by side: patch-level against image-level privacy.
+
+These functions join the two halves of patchdp — :mod:`patchdp.inclusion` (p* from the
+crop description and the patch shape) and :mod:`patchdp.accounting` (ε from w = q·p*) —
+so that the CLI, the training loop and the experiments all report the same quantities
+under the same names.
+"""
+
+from __future__ import annotations
+
+import math
+
+from patchdp import accounting
+from patchdp.inclusion import CropSpec, Patch, inclusion_probability
+
+
+def steps_for_epochs(epochs: float, sampling: accounting.Sampling) -> int:
+    """Steps that make ``epochs`` passes in expectation: ceil(epochs / q)."""
+    if not (epochs > 0) or not math.isfinite(epochs):
+        raise ValueError(f"epochs must be > 0, got {epochs}.")
+    return max(1, math.ceil(epochs / sampling.rate - 1e-9))
+
+
+def privacy_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling,
+                   steps: int, delta: float, noise_multiplier: float,
+                   resolution: float = accounting.DEFAULT_RESOLUTION) -> dict:
+    """ε at δ for patch-level and image-level DP-SGD with the same noise and training.
+
+    Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
+    epsilon_patch, epsilon_image, epsilon_ratio (image / patch), and the inputs.
+    """
+    p_star = inclusion_probability(image_shape, crop, patch)
+    kwargs = dict(sampling=sampling, resolution=resolution)
+    eps_patch = accounting.epsilon(noise_multiplier, steps, delta,
+                                   relation=accounting.PatchLevel(p_star), **kwargs)
+    eps_image = accounting.epsilon(noise_multiplier, steps, delta, relation=accounting.ImageLevel(), **kwargs)
+    return {
+        "inclusion_probability": p_star,
+        "sampling_rate": sampling.rate,
+        "effective_sampling_rate": sampling.rate * p_star,
+        "noise_multiplier": noise_multiplier,
+        "steps": steps,
+        "delta": delta,
+        "epsilon_patch": eps_patch,
+        "epsilon_image": eps_image,
+        "epsilon_ratio": eps_image / eps_patch if eps_patch > 0 else math.inf,
+    }
+
+
+def noise_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling,
+                 steps: int, delta: float, target_epsilon: float,
+                 resolution: float = accounting.DEFAULT_RESOLUTION) -> dict:
+    """The smallest noise multiplier reaching (target_epsilon, δ) under patch-level and
+    under image-level accounting. Keys: noise_multiplier_patch, noise_multiplier_image,
+    noise_ratio (image / patch), inclusion_probability, sampling_rate,
+    effective_sampling_rate, and the inputs."""
+    p_star = inclusion_probability(image_shape, crop, patch)
+    kwargs = dict(sampling=sampling, resolution=resolution)
+    z_patch = accounting.calibrate_noise(target_epsilon, delta, steps,
+                                         relation=accounting.PatchLevel(p_star), **kwargs)
+    z_image = accounting.calibrate_noise(target_epsilon, delta, steps, relation=accounting.ImageLevel(), **kwargs)
+    return {
+        "inclusion_probability": p_star,
+        "sampling_rate": sampling.rate,
+        "effective_sampling_rate": sampling.rate * p_star,
+        "target_epsilon": target_epsilon,
+        "steps": steps,
+        "delta": delta,
+        "noise_multiplier_patch": z_patch,
+        "noise_multiplier_image": z_image,
+        "noise_ratio": z_image / z_patch,
+    }
