@@ -485,16 +485,21 @@ def calibrate_noise(target_epsilon: float, delta: float, steps: int, *, sampling
         raise ValueError(f"target ε = {target} at δ = {delta} is unreachable in {steps} steps even "
                          f"with noise multiplier {max_noise:g}: raise ε or δ, or take fewer steps.")
     coarse = min(10 * resolution, 0.1)
-    # Bracket the coarse root on a log scale, then bisect it.
-    low, high = _bracket(lambda z: eps_at(z, coarse) <= target, start=1.0, limit=max_noise)
-    low, high = _bisect(lambda z: eps_at(z, coarse) <= target, low, high, rtol / 4)
-    # The fine accountant is tighter, so the fine root is at most `high`; bisect down.
+
+    def log_gap(log_z):  # log ε(z) − log target on the coarse grid, finite everywhere
+        return math.log(min(max(eps_at(math.exp(log_z), coarse), 1e-300), 1e300)) - math.log(target)
+
+    low, high = _bracket(lambda z: log_gap(math.log(z)) <= 0, start=1.0, limit=max_noise)
+    root = math.exp(optimize.brentq(log_gap, math.log(low), math.log(high), xtol=rtol / 8))
+    # The fine grid is tighter (ε smaller), so its root lies at or just below the coarse one.
+    high = root * (1 + rtol / 8)
+
     def fine_ok(z):
         return eps_at(z, resolution) <= target
 
-    low = min(low, high * 0.98)
-    if not fine_ok(high) or fine_ok(low):  # rare: the coarse bracket does not hold
-        low, high = _bracket(fine_ok, start=high, limit=max_noise)
+    if fine_ok(high) and not fine_ok(high * (1 - rtol)):
+        return high
+    low, high = _bracket(fine_ok, start=high, limit=max_noise)  # rare: widen and bisect
     return _bisect(fine_ok, low, high, rtol)[1]
 
 
