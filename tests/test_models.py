@@ -177,6 +177,8 @@ def test_from_torchvision_fits_an_affine_resnet_and_not_a_groupnorm_one(tmp_path
     assert params["head"]["kernel"].shape == (32, 10)  # new head kept from init
     with pytest.raises(ValueError, match="norm='affine'"):
         merge_params(random_params(ResNet(10, width=4))["params"], converted)
+    deeplab = get_model("deeplabv3plus", 3, backbone_depth=18, backbone_width=4, backbone_norm="affine")
+    assert jax.tree.structure(param_shapes(deeplab)["params"]["backbone"]) == jax.tree.structure(converted["backbone"])
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".msgpack"])

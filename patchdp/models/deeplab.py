@@ -17,7 +17,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from patchdp.models.layers import ConvNorm, check_positive, resize_to
+from patchdp.models.layers import NORMS, ConvNorm, check_choice, check_positive, resize_to
 from patchdp.models.resnet import ResNetBackbone, check_backbone
 
 
@@ -42,8 +42,9 @@ class DeepLabV3Plus(nn.Module):
     """(N, H, W, C) float images → (N, H, W, num_classes) per-pixel logits.
 
     Parameters: ``{"backbone": ..., "aspp": ..., "low_level": ..., "decoder_*": ...,
-    "classifier": ...}``; the backbone subtree accepts :func:`~patchdp.models.from_torchvision`
-    weights when ``norm="affine"``.
+    "classifier": ...}``. ``norm`` normalises the head, ``backbone_norm`` the backbone, whose
+    subtree accepts :func:`~patchdp.models.from_torchvision` weights when
+    ``backbone_norm="affine"`` (keep ``norm="group"`` for the freshly trained head).
     """
 
     task: ClassVar[str] = "segmentation"
@@ -55,10 +56,12 @@ class DeepLabV3Plus(nn.Module):
     features: int = 256
     low_level_features: int = 48
     norm: str = "group"
+    backbone_norm: str = "group"
 
     def __post_init__(self):
         check_positive("num_classes", self.num_classes)
-        check_backbone(self.backbone_depth, self.backbone_width, self.norm, "imagenet", self.output_stride)
+        check_choice("norm", self.norm, NORMS)
+        check_backbone(self.backbone_depth, self.backbone_width, self.backbone_norm, "imagenet", self.output_stride)
         if self.output_stride not in (8, 16):
             raise ValueError(f"DeepLabV3+ output_stride must be 8 or 16, got {self.output_stride}.")
         check_positive("features", self.features)
@@ -67,7 +70,7 @@ class DeepLabV3Plus(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        stages = ResNetBackbone(self.backbone_depth, self.backbone_width, self.norm,
+        stages = ResNetBackbone(self.backbone_depth, self.backbone_width, self.backbone_norm,
                                 output_stride=self.output_stride, name="backbone")(x)
         rates = tuple(r * 16 // self.output_stride for r in (6, 12, 18))
         y = ASPP(self.features, rates, self.norm, name="aspp")(stages[-1])

@@ -86,6 +86,7 @@ def merge_params(params: Mapping, pretrained: Mapping) -> dict:
                  for k in source if k in target and source[k].shape != target[k].shape]
     if problems:
         raise ValueError("pretrained parameters do not fit the model (converted BatchNorm weights need "
-                         "norm='affine' and the ImageNet stem):\n  " + "\n  ".join(problems))
+                         "norm='affine', or backbone_norm='affine' in segmentation nets, and the "
+                         "ImageNet stem):\n  " + "\n  ".join(problems))
     merged = _unflatten({k: source[k].astype(v.dtype) if k in source else v for k, v in target.items()})
     return jax.tree.map(jnp.asarray, merged)

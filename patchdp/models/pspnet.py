@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchdp.models.layers import ConvNorm, check_positive, resize_to
+from patchdp.models.layers import NORMS, ConvNorm, check_choice, check_positive, resize_to
 from patchdp.models.resnet import ResNetBackbone, check_backbone
 
 
@@ -56,7 +56,8 @@ class PyramidPooling(nn.Module):
 class PSPNet(nn.Module):
     """(N, H, W, C) float images → (N, H, W, num_classes) per-pixel logits.
 
-    Parameters: ``{"backbone": ..., "ppm": ..., "bottleneck": ..., "classifier": ...}``.
+    Parameters: ``{"backbone": ..., "ppm": ..., "bottleneck": ..., "classifier": ...}``;
+    ``norm`` and ``backbone_norm`` as in :class:`~patchdp.models.DeepLabV3Plus`.
     """
 
     task: ClassVar[str] = "segmentation"
@@ -67,10 +68,12 @@ class PSPNet(nn.Module):
     bins: tuple[int, ...] = (1, 2, 3, 6)
     features: int = 512
     norm: str = "group"
+    backbone_norm: str = "group"
 
     def __post_init__(self):
         check_positive("num_classes", self.num_classes)
-        check_backbone(self.backbone_depth, self.backbone_width, self.norm, "imagenet", 8)
+        check_choice("norm", self.norm, NORMS)
+        check_backbone(self.backbone_depth, self.backbone_width, self.backbone_norm, "imagenet", 8)
         for b in self.bins:
             check_positive("every pyramid bin size", b)
         check_positive("features", self.features)
@@ -78,7 +81,7 @@ class PSPNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        top = ResNetBackbone(self.backbone_depth, self.backbone_width, self.norm, output_stride=8,
+        top = ResNetBackbone(self.backbone_depth, self.backbone_width, self.backbone_norm, output_stride=8,
                              name="backbone")(x)[-1]
         y = PyramidPooling(tuple(self.bins), self.norm, name="ppm")(top)
         y = ConvNorm(self.features, norm=self.norm, name="bottleneck")(y)

@@ -40,7 +40,7 @@ def check_backbone(depth, width, norm, stem, output_stride) -> None:
     """Validate a backbone configuration; raises ValueError saying what to change."""
     check_choice("ResNet depth", depth, tuple(SPECS))
     check_positive("ResNet width", width)
-    check_choice("norm", norm, NORMS)
+    check_choice("ResNet norm", norm, NORMS)
     check_choice("stem", stem, tuple(STEM_STRIDES))
     if output_stride is not None:
         check_choice(f"output_stride (with the {stem!r} stem)", output_stride,
@@ -168,7 +168,7 @@ def from_torchvision(state_dict: Mapping[str, np.ndarray], eps: float = 1e-5) ->
 
         from patchdp.models import from_torchvision, save_params, load_params, merge_params
         save_params("resnet18.msgpack", from_torchvision(np.load("resnet18_torchvision.npz")))
-        model = get_model("deeplabv3plus", 19, backbone_depth=18, norm="affine")
+        model = get_model("deeplabv3plus", 19, backbone_depth=18, backbone_norm="affine")
         params = merge_params(model.init(key, x)["params"], load_params("resnet18.msgpack"))
     """
     modules: dict[str, dict[str, np.ndarray]] = {}
