@@ -12,6 +12,7 @@ from PIL import Image
 from patchdp.data import (
     IGNORE_LABEL, SENSITIVE_CLASS, SENSITIVE_SIZE, Prefetcher, SyntheticScenes, get_dataset, load_folder, load_tfds,
 )
+from patchdp.data.dataset import resize_image
 from patchdp.data.tfds import CITYSCAPES_TRAIN_IDS, DATASETS, lookup_table
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -72,6 +73,19 @@ def test_get_dataset_dispatches_and_rejects_unknown_names():
     assert len(get_dataset("synthetic", "validation", num_examples=8)) == 8
     with pytest.raises(ValueError, match="unknown dataset"):
         get_dataset("imagenet", "train")
+
+
+@pytest.mark.parametrize("old, new", [(60, 17), (60, 41), (30, 90)])
+def test_resize_footprint_bound_in_the_docs_holds(old, new):
+    """A p-pixel change influences at most ceil((p + 2r) new / old) + 1 resized pixels."""
+    rng = np.random.default_rng(0)
+    r = max(1, old / new)
+    for p, a in itertools.product((1, 4), range(0, old - 4, 5)):
+        x = rng.integers(0, 256, (2, old, 1), dtype=np.uint8)
+        y = x.copy()
+        y[:, a:a + p] = 255 - y[:, a:a + p]
+        changed = np.nonzero((resize_image(x, (2, new)) != resize_image(y, (2, new))).any(axis=(0, 2)))[0]
+        assert np.ptp(changed) + 1 <= np.ceil((p + 2 * r) * new / old) + 1
 
 
 # ---------------------------------------------------------------- tfds

@@ -14,9 +14,10 @@ Examples of one dataset share one size because the patch inclusion probability p
 computed for one image size. Sources whose images differ in size (DTD, Oxford pets,
 your folders) are resized to a configured ``image_size``: images bilinearly (PIL, which
 low-pass filters when shrinking), label maps by nearest neighbour. The protected patch is
-then measured in pixels of the resized image: a p-pixel patch of the original covers
-about p · (new size / old size) + 2 resized pixels per axis (filter footprint), so
-state the patch in resized pixels with that margin.
+then measured in pixels of the resized image. A patch p original pixels wide influences
+at most ⌈(p + 2r) · new / old⌉ + 1 resized pixels along that axis, r = max(1, old / new)
+being the bilinear filter's radius in original pixels (checked empirically against PIL
+for down- and upsampling), so protect a patch of that size.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Dataset(abc.ABC):
     def _load(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """``get_batch`` for validated indices."""
 
-    def check_label(self, label: np.ndarray, where: str) -> None:
+    def _check_label(self, label: np.ndarray, where: str) -> None:
         """Raise a ValueError when ``label`` holds a value that is no class of this dataset."""
         valid = (label >= 0) & (label < self.num_classes)
         if self.task == "segmentation":
@@ -153,5 +154,5 @@ class SourceDataset(Dataset):
         expected = hw if self.task == "segmentation" else ()
         if label.shape != expected:
             raise ValueError(f"example {index} has a label of shape {label.shape}, expected {expected}.")
-        self.check_label(label, f"example {index}")
+        self._check_label(label, f"example {index}")
         return image, label.astype(np.int32)

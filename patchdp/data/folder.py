@@ -58,7 +58,8 @@ class _PairDecoder:
 
     def __call__(self, pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = pair
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+        with Image.open(image_path) as image_file:
+            image = np.asarray(image_file.convert("RGB"))
         with Image.open(label_path) as label_file:
             if self.codes is not None:
                 label = self._classes(np.asarray(label_file.convert("RGB")))
