@@ -42,7 +42,7 @@ import numpy as np
 from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import fft as sp_fft
-from scipy import optimize, special
+from scipy import optimize, signal, special
 
 __all__ = [
     "FixedSizeSampling", "PoissonSampling", "PatchLevel", "ImageLevel", "AddRemove",
@@ -262,10 +262,11 @@ def _switching_pld(rate: float, mu: float, step: float) -> _PLD:
     above = masses[1:]
     mirrored = (above * np.exp(-np.arange(1, half + 1) * step))[::-1]
     zero = 1.0 - positive.infinity_mass - above.sum() - mirrored.sum()
-    if zero < -1e-12:
+    if zero < -1e-6:  # connect-the-dots rounding leaves ~1e-9; more would be a bug
         raise ArithmeticError(f"inconsistent switching PLD (atom at 0 is {zero}); please report.")
     probs = np.concatenate([mirrored, [max(zero, 0.0)], above])
-    return _truncate(_PLD(probs, -half, step, positive.infinity_mass), _TAIL_MASS)
+    # Trim only the e^_LOG_TAIL-scale tails here: this PLD is composed up to ~1e5 times.
+    return _truncate(_PLD(probs, -half, step, positive.infinity_mass), math.exp(_LOG_TAIL))
 
 
 @functools.lru_cache(maxsize=8)
@@ -326,8 +327,23 @@ def _support_bounds(pld: _PLD, times: int, tail: float) -> tuple[int, int]:
     return lo, hi
 
 
+def _from_fft(raw: np.ndarray, offset: int, step: float, infinity: float, error_scale: float) -> _PLD:
+    """Wraps an FFT result as a PLD, pessimistically.
+
+    FFT rounding leaves absolute errors of about error_scale · ulp · max per bin (for a
+    T-th power of a spectrum, error_scale ≈ T; it shows as small negative bins). Their
+    total over the grid, n · max(−min, error_scale · ulp · max), is added to the mass at
+    +∞, so that δ(ε) stays an upper bound despite rounding; the tails holding ≤ _TAIL_MASS
+    are trimmed. The allowance is ~1e-11 for 1e5 steps, far below any δ in use.
+    """
+    noise = max(-float(raw.min()), np.finfo(np.float64).eps * float(raw.max()))
+    allowance = raw.size * noise
+    return _truncate(_PLD(raw, offset, step, min(infinity + allowance, 1.0)), _TAIL_MASS)
+
+
 def _self_compose(pld: _PLD, times: int) -> _PLD:
-    """The `times`-fold composition via one real FFT raised to a power."""
+    """The `times`-fold composition: one real FFT raised to the power `times`, read out
+    over a window that holds all but _TAIL_MASS of the mass (Chernoff bounds)."""
     if times == 1:
         return pld
     lo, hi = _support_bounds(pld, times, _TAIL_MASS)
@@ -335,54 +351,62 @@ def _self_compose(pld: _PLD, times: int) -> _PLD:
     spectrum = sp_fft.rfft(pld.probs, size) ** times
     # Circular convolution: index k holds all sums ≡ k (mod size); the wanted window
     # [lo, hi] fits in one period, so rolling by lo reads it out. Mass outside the
-    # window (≤ _TAIL_MASS) is counted at +∞ below.
-    probs = np.roll(sp_fft.irfft(spectrum, size), -lo)[: hi - lo + 1]
+    # window (≤ _TAIL_MASS) is counted at +∞.
+    raw = np.roll(sp_fft.irfft(spectrum, size), -lo)[: hi - lo + 1]
     infinity = -math.expm1(times * math.log1p(-pld.infinity_mass)) + _TAIL_MASS
-    return _truncate(_PLD(probs, pld.offset * times + lo, pld.step, infinity), _TAIL_MASS)
+    return _from_fft(raw, pld.offset * times + lo, pld.step, infinity, error_scale=times)
 
 
 def _compose(a: _PLD, b: _PLD) -> _PLD:
+    """The PLD of the composition: the convolution of the two, by one real FFT."""
     if a.step != b.step:
         raise ValueError("cannot compose PLDs with different resolutions.")
-    size = sp_fft.next_fast_len(a.probs.size + b.probs.size - 1, real=True)
-    probs = sp_fft.irfft(sp_fft.rfft(a.probs, size) * sp_fft.rfft(b.probs, size), size)
-    probs = probs[: a.probs.size + b.probs.size - 1]
+    n = a.probs.size + b.probs.size - 1
+    size = sp_fft.next_fast_len(n, real=True)
+    raw = sp_fft.irfft(sp_fft.rfft(a.probs, size) * sp_fft.rfft(b.probs, size), size)[:n]
     infinity = 1 - (1 - a.infinity_mass) * (1 - b.infinity_mass)
-    return _truncate(_PLD(probs, a.offset + b.offset, a.step, infinity), _TAIL_MASS)
+    return _from_fft(raw, a.offset + b.offset, a.step, infinity, error_scale=math.log2(size))
 
 
 def _tail_sums(pld: _PLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Suffix sums from the top loss down: mass and e^{-loss}-weighted mass at ≥ each loss."""
+    """Suffix sums from the top loss down, for δ(ε) = upper − e^ε·Σ_{l ≥ ·} p_l e^{−l}:
+
+      upper[j]  = P(L = ∞) + Σ_{i ≥ j} p_i
+      scaled[j] = Σ_{i ≥ j} p_i e^{−(l_i − l_j)}   (≤ upper: no overflow at any loss)
+
+    ``scaled`` follows the recursion scaled[j] = p_j + e^{−step}·scaled[j + 1].
+    """
     probs = np.maximum(pld.probs, 0.0)
-    losses = pld.losses
     upper = np.cumsum(probs[::-1])[::-1] + pld.infinity_mass
-    lower = np.cumsum((probs * np.exp(-losses))[::-1])[::-1]
-    return losses, upper, lower
+    scaled = signal.lfilter([1.0], [1.0, -math.exp(-pld.step)], probs[::-1])[::-1]
+    return pld.losses, upper, scaled
 
 
 def _delta_of(pld: _PLD, epsilons: np.ndarray) -> np.ndarray:
     """δ(ε) = P(L = ∞) + Σ_{l > ε} p_l (1 − e^{ε − l}) for each ε."""
-    losses, upper, lower = _tail_sums(pld)
-    idx = np.searchsorted(losses, epsilons, side="right")
-    up = np.append(upper, pld.infinity_mass)[idx]
-    low = np.append(lower, 0.0)[idx]
-    return np.clip(up - np.exp(epsilons) * low, 0.0, 1.0)
+    losses, upper, scaled = _tail_sums(pld)
+    idx = np.searchsorted(losses, epsilons, side="right")  # first loss > ε
+    inside = idx < losses.size
+    out = np.full(np.shape(epsilons), pld.infinity_mass, dtype=np.float64)
+    j = idx[inside]
+    out[inside] = upper[j] - np.exp(np.asarray(epsilons)[inside] - losses[j]) * scaled[j]
+    return np.clip(out, 0.0, 1.0)
 
 
 def _epsilon_of(pld: _PLD, target_delta: float) -> float:
     """Smallest ε ≥ 0 with δ(ε) ≤ target_delta (math.inf if none)."""
     if pld.infinity_mass > target_delta:
         return math.inf
-    losses, upper, lower = _tail_sums(pld)
-    # δ at grid loss l_j counts the losses above it: suffix j + 1.
-    at_grid = np.append(upper[1:], pld.infinity_mass) - np.exp(losses) * np.append(lower[1:], 0.0)
+    losses, upper, scaled = _tail_sums(pld)
+    # δ at grid loss l_j counts the losses above it: e^{l_j}Σ_{i>j} p_i e^{−l_i} = e^{−step}·scaled[j+1].
+    at_grid = np.append(upper[1:], pld.infinity_mass) - math.exp(-pld.step) * np.append(scaled[1:], 0.0)
     j = int(np.argmax(at_grid <= target_delta))
-    if at_grid[j] > target_delta:
-        return math.inf
-    # On [l_{j−1}, l_j) the losses ≥ l_j count: δ(ε) = upper[j] − e^ε·lower[j].
+    if not at_grid[j] <= target_delta:
+        raise ArithmeticError("ε search found no grid loss with δ ≤ target; please report.")
+    # On [l_{j−1}, l_j) the losses ≥ l_j count: δ(ε) = upper[j] − e^{ε − l_j}·scaled[j].
     floor = losses[j - 1] if j > 0 else -math.inf
-    if lower[j] > 0 and upper[j] > target_delta:
-        eps = min(max(math.log((upper[j] - target_delta) / lower[j]), floor), losses[j])
+    if scaled[j] > 0 and upper[j] > target_delta:
+        eps = min(max(losses[j] + math.log((upper[j] - target_delta) / scaled[j]), floor), losses[j])
     else:
         eps = floor
     return max(0.0, eps)

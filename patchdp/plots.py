@@ -26,8 +26,8 @@ def inclusion_heatmap(p_map: np.ndarray, path, *, title: str = "") -> Path:
 
 def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
               xlabel: str, ylabel: str, title: str = "", logy: bool = False,
-              logx: bool = False) -> Path:
-    """One line per named (x, y) curve."""
+              logx: bool = False, xticklabels: Sequence[str] | None = None) -> Path:
+    """One line per named (x, y) curve; ``xticklabels`` names categorical x = 0, 1, …"""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label, marker="o" if len(x) <= 12 else None, ms=4)
@@ -37,6 +37,8 @@ def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=20)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title)

@@ -32,7 +32,7 @@ def pair_delta(eps, w, z, sensitivity=2.0, reverse=False):
 
 # ------------------------------------------------------------------ closed forms
 
-@pytest.mark.parametrize("z,steps", [(1.0, 1), (2.0, 10), (4.0, 1000), (0.8, 3)])
+@pytest.mark.parametrize("z,steps", [(1.0, 1), (2.0, 10), (4.0, 1000), (0.8, 3), (10.0, 10 ** 5)])
 def test_no_subsampling_is_the_gaussian_mechanism(z, steps):
     # w = 1: every step is the Gaussian mechanism with sensitivity 2 (units of C), and T
     # of them compose to μ = 2·sqrt(T)/z, whose ε(δ) has a closed form (Balle & Wang 2018).
@@ -104,7 +104,7 @@ def test_fft_composition_and_queries_agree_with_dp_accounting(w, z, steps):
     theirs = _to_dp_accounting(one).self_compose(steps)
     ours = acc._self_compose(one, steps)
     for delta in [1e-3, 1e-5, 1e-8]:
-        assert acc._epsilon_of(ours, delta) == pytest.approx(theirs.get_epsilon_for_delta(delta), rel=1e-6, abs=1e-9)
+        assert acc._epsilon_of(ours, delta) == pytest.approx(theirs.get_epsilon_for_delta(delta), rel=1e-5, abs=1e-9)
     eps = np.array([0.1, 0.5, 1.0, 3.0])
     np.testing.assert_allclose(acc._delta_of(ours, eps), theirs.get_delta_for_epsilon(eps), rtol=1e-6, atol=1e-13)
 
@@ -249,3 +249,12 @@ def test_data_level_noise_is_a_gaussian_mechanism_on_pixels():
     got = acc.data_level_noise_profile([1.0], noise_std=255.0, patch_area=4, channels=3)
     mu = math.sqrt(12) * 255 / 255.0
     assert got[0] == pytest.approx(acc.gaussian_mechanism_delta(1.0, mu))
+
+
+@pytest.mark.parametrize("delta", [1e-8, 1e-10])
+def test_long_composition_stays_pessimistic_in_the_far_tail(delta):
+    # Raising one FFT to the 10^4-th power leaves rounding noise in the far tail that,
+    # unaccounted, put ε at δ = 1e-8 *below* the exact Gaussian value (found in review).
+    got = acc.epsilon(10.0, 10 ** 4, delta, sampling=PoissonSampling(1.0), relation=ImageLevel())
+    want = acc.gaussian_mechanism_epsilon(0.2 * 100, delta)
+    assert want <= got <= want * (1 + 1e-3)
