@@ -64,10 +64,7 @@ _MAX_HALF_GRID = 2 ** 21   # grid points per side; losses beyond go to +∞ (pes
 
 
 def _check_rate(name: str, value) -> float:
-    value = float(value)
-    if not (0 < value <= 1):
-        raise ValueError(f"{name} must be in (0, 1], got {value}.")
-    return value
+    return _check_in(name, value, 0, 1, closed_high=True)
 
 
 def _check_count(name: str, value, minimum: int = 1) -> int:
@@ -423,32 +420,29 @@ def _kind(relation: Relation) -> str:
     raise ValueError(f"unknown relation {relation!r}; use PatchLevel, ImageLevel or AddRemove.")
 
 
-def _check_noise(noise_multiplier) -> float:
-    z = float(noise_multiplier)
-    if not (z > 0) or not math.isfinite(z):
-        raise ValueError(f"noise_multiplier z (noise std / clip norm) must be > 0, got {noise_multiplier}.")
-    return z
+def _check_in(name: str, value, low: float, high: float, *, closed_high: bool = False) -> float:
+    """float(value) in (low, high) — or (low, high] — else a ValueError naming it."""
+    value = float(value)
+    if not (low < value and (value <= high if closed_high else value < high)):
+        interval = f"({low:g}, {high:g}{']' if closed_high else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}.")
+    return value
+
+
+def _check_noise(value) -> float:
+    return _check_in("noise_multiplier z (noise std / clip norm)", value, 0, math.inf)
 
 
 def _check_delta(value) -> float:
-    value = float(value)
-    if not (0 < value < 1):
-        raise ValueError(f"delta must be in (0, 1), got {value}.")
-    return value
+    return _check_in("delta", value, 0, 1)
 
 
 def _check_epsilon(value) -> float:
-    value = float(value)
-    if not (value > 0) or not math.isfinite(value):
-        raise ValueError(f"epsilon must be a finite number > 0, got {value}.")
-    return value
+    return _check_in("epsilon", value, 0, math.inf)
 
 
 def _check_resolution(value) -> float:
-    value = float(value)
-    if not (0 < value <= 0.1):
-        raise ValueError(f"resolution (PLD grid spacing in nats) must be in (0, 0.1], got {value}.")
-    return value
+    return _check_in("resolution (PLD grid spacing in nats)", value, 0, 0.1, closed_high=True)
 
 
 def _composed(noise_multiplier: float, steps: int, sampling: Sampling, relation: Relation,

@@ -21,6 +21,12 @@ def steps_for_epochs(epochs: float, sampling: accounting.Sampling) -> int:
     return max(1, math.ceil(epochs / sampling.rate - 1e-9))
 
 
+def _rates(image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling) -> dict:
+    p_star = inclusion_probability(image_shape, crop, patch)
+    return {"inclusion_probability": p_star, "sampling_rate": sampling.rate,
+            "effective_sampling_rate": sampling.rate * p_star}
+
+
 def privacy_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling,
                    steps: int, delta: float, noise_multiplier: float,
                    resolution: float = accounting.DEFAULT_RESOLUTION) -> dict:
@@ -29,15 +35,13 @@ def privacy_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accou
     Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
     epsilon_patch, epsilon_image, epsilon_ratio (image / patch), and the inputs.
     """
-    p_star = inclusion_probability(image_shape, crop, patch)
+    rates = _rates(image_shape, crop, patch, sampling)
+    patch_level = accounting.PatchLevel(rates["inclusion_probability"])
     kwargs = dict(sampling=sampling, resolution=resolution)
-    eps_patch = accounting.epsilon(noise_multiplier, steps, delta,
-                                   relation=accounting.PatchLevel(p_star), **kwargs)
+    eps_patch = accounting.epsilon(noise_multiplier, steps, delta, relation=patch_level, **kwargs)
     eps_image = accounting.epsilon(noise_multiplier, steps, delta, relation=accounting.ImageLevel(), **kwargs)
     return {
-        "inclusion_probability": p_star,
-        "sampling_rate": sampling.rate,
-        "effective_sampling_rate": sampling.rate * p_star,
+        **rates,
         "noise_multiplier": noise_multiplier,
         "steps": steps,
         "delta": delta,
@@ -54,15 +58,13 @@ def noise_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: account
     under image-level accounting. Keys: noise_multiplier_patch, noise_multiplier_image,
     noise_ratio (image / patch), inclusion_probability, sampling_rate,
     effective_sampling_rate, and the inputs."""
-    p_star = inclusion_probability(image_shape, crop, patch)
+    rates = _rates(image_shape, crop, patch, sampling)
+    patch_level = accounting.PatchLevel(rates["inclusion_probability"])
     kwargs = dict(sampling=sampling, resolution=resolution)
-    z_patch = accounting.calibrate_noise(target_epsilon, delta, steps,
-                                         relation=accounting.PatchLevel(p_star), **kwargs)
+    z_patch = accounting.calibrate_noise(target_epsilon, delta, steps, relation=patch_level, **kwargs)
     z_image = accounting.calibrate_noise(target_epsilon, delta, steps, relation=accounting.ImageLevel(), **kwargs)
     return {
-        "inclusion_probability": p_star,
-        "sampling_rate": sampling.rate,
-        "effective_sampling_rate": sampling.rate * p_star,
+        **rates,
         "target_epsilon": target_epsilon,
         "steps": steps,
         "delta": delta,
