@@ -1,0 +1,194 @@
+"""Per-example gradients, clipped as a whole and summed, in microbatches.
+
+The sensitivity of DP-SGD comes from here (SCIENCE.md §4, steps 2–3). For a batch of
+examples x_i with validity mask m_i, :func:`clipped_grad_sum` returns
+
+    S = Σ_i  m_i · f_i · g_i · min(1, C / ‖g_i‖),      g_i = ∇_θ loss(θ, x_i),
+
+where ‖g_i‖ is the L2 norm over *all* parameters together and f_i = 0 when g_i has a
+non-finite entry (or its squared norm overflows float32), else 1. Every term has norm
+≤ C (up to float32 rounding, relative ~1e-7), so replacing one example changes S by at
+most 2C: the sensitivity the accountant assumes, in units of C. Padded slots (m_i = 0)
+and non-finite examples contribute exactly zero.
+
+A logical batch may be processed in physical microbatches whose clipped sums are
+accumulated, so that peak memory follows the microbatch, not the logical batch; noise
+is added once to the total afterwards (``patchdp.noise``). With ``clip_norm=None`` the
+same function returns the plain gradient of the summed loss without per-example
+gradients: the non-private baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["GradStats", "per_example_grads", "per_example_norms", "clip_per_example",
+           "clipped_grad_sum", "validate_clip_norm"]
+
+PyTree = object
+
+
+class GradStats(NamedTuple):
+    """Counts over a (logical) batch; float32 scalars so that they add across microbatches.
+
+    Attributes:
+      loss_sum: sum of the losses of valid examples with a finite gradient.
+      valid: number of valid (non-padded) examples.
+      clipped: valid, finite examples whose gradient norm exceeded C (and was scaled).
+      nonfinite: valid examples with a non-finite gradient (they contributed zero).
+    """
+
+    loss_sum: jax.Array
+    valid: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+
+
+def per_example_grads(loss_fn: Callable, params: PyTree, examples: PyTree) -> tuple[jax.Array, PyTree]:
+    """Losses (B,) and gradients (each leaf (B,) + the parameter's shape) of
+    ``loss_fn(params, example) -> scalar`` for every example along axis 0 of ``examples``."""
+    return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, examples)
+
+
+def per_example_norms(grads: PyTree) -> jax.Array:
+    """L2 norm over all leaves of each example's gradient: float32 array (B,).
+    Non-finite if the gradient has a non-finite entry or its squared norm overflows."""
+    squares = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+               for g in jax.tree.leaves(grads)]
+    return jnp.sqrt(sum(squares))
+
+
+def clip_per_example(grads: PyTree, clip_norm: float, mask: jax.Array | None = None
+                     ) -> tuple[PyTree, jax.Array]:
+    """Scales each example's whole gradient to norm ≤ ``clip_norm``.
+
+    Args:
+      grads: per-example gradients, every leaf with leading axis B.
+      clip_norm: C > 0.
+      mask: optional bool (B,); False marks a padded slot.
+
+    Returns:
+      (clipped, norms): clipped gradients (leaves promoted to at least float32), whose
+      per-example norm is min(‖g_i‖, C) for valid finite examples and exactly 0 for
+      padded slots and non-finite gradients; and the unclipped norms ‖g_i‖ (B,).
+    """
+    norms = per_example_norms(grads)
+    keep = jnp.isfinite(norms) if mask is None else jnp.isfinite(norms) & mask
+    scale = clip_norm / jnp.maximum(norms, clip_norm)
+
+    def one(g):
+        g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        shape = (-1,) + (1,) * (g.ndim - 1)
+        return jnp.where(keep.reshape(shape), g * scale.reshape(shape).astype(g.dtype), 0)
+
+    return jax.tree.map(one, grads), norms
+
+
+def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: jax.Array | None = None, *,
+                     clip_norm: float | None, microbatch_size: int | None = None,
+                     unroll: bool | None = None) -> tuple[PyTree, GradStats]:
+    """The sum of clipped per-example gradients over a logical batch, in microbatches.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> scalar``, for ONE example (a slice of
+        ``examples`` along axis 0).
+      params: the parameters (any pytree; may be sharded).
+      examples: a pytree whose leaves have the batch size B as leading axis.
+      mask: optional bool (B,); False marks padded slots, which contribute nothing.
+      clip_norm: C > 0; or None for the non-private baseline: the gradient of the
+        masked loss sum, with no per-example gradients, no clipping, and non-finite
+        losses left in (as in ordinary training).
+      microbatch_size: examples per physical microbatch; must divide B. Default B.
+        Microbatch j holds examples j, j + n, j + 2n, … (n = B / microbatch_size), so a
+        batch sharded over devices in contiguous blocks gives every device a share of
+        every microbatch.
+      unroll: True unrolls the microbatch loop in Python, False uses ``lax.scan``.
+        Default: unroll on CPU, where rolled loops make backward passes ~20× slower,
+        and scan on accelerators, where it keeps the program small.
+
+    Returns:
+      (S, stats): S has the structure of ``params`` with leaves of at least float32;
+      stats are :class:`GradStats` over the whole logical batch.
+    """
+    size = jax.tree.leaves(examples)[0].shape[0]
+    if mask is None:
+        mask = jnp.ones(size, bool)
+    step = size if microbatch_size is None else microbatch_size
+    if not isinstance(step, int) or step < 1 or size % step:
+        raise ValueError(f"microbatch_size must be a positive divisor of the batch size {size}, "
+                         f"got {microbatch_size!r}; pad the batch or pick a divisor.")
+    validate_clip_norm(clip_norm)
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    accumulate = _private_sum if clip_norm is not None else _plain_sum
+    one = lambda chunk: accumulate(loss_fn, params, chunk, clip_norm)
+    count = size // step
+    if count == 1:
+        return one((examples, mask))
+    # (B, ...) -> (step, count, ...): microbatch j is [:, j], taken without a copy.
+    grouped = jax.tree.map(lambda x: x.reshape((step, count) + x.shape[1:]), (examples, mask))
+    chunk = lambda j: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False), grouped)
+    add = lambda total, part: jax.tree.map(jnp.add, total, one(part))
+    if unroll:
+        total = one(chunk(0))
+        for j in range(1, count):
+            total = add(total, _after(total, chunk(j)))
+        return total
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, chunk(0)))
+    return jax.lax.scan(lambda total, j: (add(total, chunk(j)), None), zeros, jnp.arange(count))[0]
+
+
+def _after(total, chunk):
+    """``chunk`` made to depend on ``total`` by adding an exact zero computed from it.
+
+    Unrolled, the microbatches are independent, and XLA:CPU (which drops
+    ``optimization_barrier`` before scheduling) would run them side by side, so memory
+    would follow the logical batch. This data dependency makes microbatch j start
+    after microbatch j − 1 is summed, so memory follows the microbatch.
+    """
+    anchor = jax.tree.leaves(total)[0].ravel()[0]
+    zero = jnp.where(jnp.isfinite(anchor), anchor, 0) * 0  # finite · 0: always ±0
+    gate = lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.number) else x
+    return jax.tree.map(gate, chunk)
+
+
+def validate_clip_norm(clip_norm) -> None:
+    """Raises ValueError unless ``clip_norm`` is None or a positive finite number."""
+    if clip_norm is None:
+        return
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) or not 0 < clip_norm < math.inf:
+        raise ValueError(f"clip_norm (C) must be a positive finite number, or None for the non-private "
+                         f"baseline; got {clip_norm!r}.")
+
+
+def _private_sum(loss_fn, params, chunk, clip_norm):
+    examples, mask = chunk
+    losses, grads = per_example_grads(loss_fn, params, examples)
+    clipped, norms = clip_per_example(grads, clip_norm, mask)
+    total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped)
+    return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
+
+
+def _plain_sum(loss_fn, params, chunk, clip_norm):
+    del clip_norm
+    examples, mask = chunk
+
+    def masked_sum(p):
+        losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, examples)
+        return jnp.sum(jnp.where(mask, losses, 0)), losses
+
+    (_, losses), total = jax.value_and_grad(masked_sum, has_aux=True)(params)
+    total = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), total)
+    return total, _stats(losses, mask, jnp.isfinite(losses), jnp.zeros_like(mask))
+
+
+def _stats(losses, mask, finite, clipped) -> GradStats:
+    counted = mask & finite
+    count = lambda flags: jnp.sum(flags, dtype=jnp.float32)
+    return GradStats(loss_sum=jnp.sum(jnp.where(counted, losses, 0), dtype=jnp.float32),
+                     valid=count(mask), clipped=count(counted & clipped), nonfinite=count(mask & ~finite))

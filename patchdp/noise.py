@@ -1,0 +1,79 @@
+"""Gaussian noise on the sum of clipped gradients: the Gaussian mechanism of DP-SGD.
+
+The accountant's noise multiplier z is in units of the clip norm C: the sum S of
+clipped per-example gradients (sensitivity 2C under substitution, ``patchdp.clipping``)
+receives noise N(0, (z·C)² I), ONCE per logical step, and only then is divided by the
+expected batch size (SCIENCE.md §3–4):
+
+    ĝ = (S + N(0, (z·C)² I)) / E[B],     E[B] = B (fixed-size batches) or q·N (Poisson).
+
+Dividing by the *expected* rather than the realised batch size keeps the release a
+post-processing of the noisy sum, so the realised size (private under Poisson
+sampling) is never used.
+
+Shard-aware by construction: these functions run inside the global-view ``jax.jit``
+program, where ``jax.random.normal`` draws one global array for the whole parameter
+tree. With replicated parameters every device computes the same draw; with sharded
+parameters each device draws its own shard of that same array (threefry is
+partitionable). Either way the noise is added once, never once per device or per
+microbatch, and equals the single-device draw for the same key. (Inside a
+``shard_map``, first ``psum`` the clipped sums, then call these with the same key on
+every device.)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["add_noise", "noisy_mean", "validate_noise"]
+
+
+def validate_noise(noise_multiplier, clip_norm, expected_batch_size=1.0) -> None:
+    """Raises ValueError unless z ≥ 0 is finite, z > 0 comes with a clip norm C (the
+    noise is z·C), and the expected batch size is positive and finite."""
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real) \
+            or not 0 <= noise_multiplier < math.inf:
+        raise ValueError(f"noise_multiplier (z, noise std / C) must be a finite number >= 0, "
+                         f"got {noise_multiplier!r}.")
+    if noise_multiplier > 0 and clip_norm is None:
+        raise ValueError("noise_multiplier > 0 needs a clip_norm: the noise std is z·C and only "
+                         "clipped gradients have bounded sensitivity.")
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real) \
+            or not 0 < expected_batch_size < math.inf:
+        raise ValueError(f"expected_batch_size must be a positive finite number (B for fixed-size "
+                         f"batches, q·N for Poisson sampling), got {expected_batch_size!r}.")
+
+
+def add_noise(key: jax.Array, grad_sum, *, noise_multiplier: float, clip_norm: float | None):
+    """``grad_sum`` + independent N(0, (z·C)²) on every entry of every leaf.
+
+    Args:
+      key: PRNG key of this step's noise; a fresh key per step.
+      grad_sum: the sum of clipped per-example gradients (any pytree of float arrays).
+      noise_multiplier: z, the noise std in units of C (the accountant's z).
+      clip_norm: C, the clip norm the sum was computed with (None only if z = 0).
+
+    Returns the noisy sum, same structure and dtypes. With z = 0 it returns
+    ``grad_sum`` unchanged and draws nothing.
+    """
+    validate_noise(noise_multiplier, clip_norm)
+    if noise_multiplier == 0:
+        return grad_sum
+    stddev = noise_multiplier * clip_norm
+    leaves, tree = jax.tree.flatten(grad_sum)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [g + stddev * jax.random.normal(k, g.shape, g.dtype) for k, g in zip(keys, leaves)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+def noisy_mean(key: jax.Array, grad_sum, *, noise_multiplier: float, clip_norm: float | None,
+               expected_batch_size: float):
+    """The private gradient estimate (S + N(0, (z·C)²)) / E[B]: :func:`add_noise`, then
+    division by ``expected_batch_size`` (B, or q·N for Poisson sampling)."""
+    validate_noise(noise_multiplier, clip_norm, expected_batch_size)
+    noisy = add_noise(key, grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm)
+    return jax.tree.map(lambda g: g / jnp.asarray(expected_batch_size, g.dtype), noisy)
