@@ -1,0 +1,77 @@
+"""Checkpoints: an exact round trip of the train state and its meta, pruning, and
+atomicity — a half-written step is never listed nor restored."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from patchdp.checkpoint import Checkpointer
+from patchdp.training import TrainState
+
+META = {"step": 3, "seeds": {"sampling": str(2**127 + 5), "secure": True, "key": [1, 2]}, "ledger": {"runs": [[1.5, 3]]}}
+
+
+def state(seed=0):
+    key = jax.random.key(seed)
+    params = {"conv": {"kernel": jax.random.normal(key, (3, 3, 2, 4))}, "bias": jnp.arange(4.0)}
+    optimizer = optax.adam(0.1)
+    s = TrainState.create(params, optimizer)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt_state = optimizer.update(grads, s.opt_state, params)
+    return TrainState(optax.apply_updates(params, updates), opt_state, s.step + 1)
+
+
+def assert_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_round_trip_is_exact(tmp_path):
+    saved = state()
+    with Checkpointer(tmp_path / "ck") as checkpoints:
+        assert checkpoints.latest_step() is None
+        checkpoints.save(3, saved, META)
+    with Checkpointer(tmp_path / "ck") as checkpoints:  # a new process would do this
+        assert checkpoints.latest_step() == 3
+        restored, meta = checkpoints.restore(state(seed=1))
+        raw, _ = checkpoints.restore()  # no target: nested dicts
+    assert isinstance(restored, TrainState)
+    np.testing.assert_array_equal(raw["params"]["conv"]["kernel"], saved.params["conv"]["kernel"])
+    assert_equal(restored, saved)
+    assert meta == META and int(meta["seeds"]["sampling"]) == 2**127 + 5
+
+
+def test_keeps_the_newest_and_ignores_a_repeated_step(tmp_path):
+    with Checkpointer(tmp_path, keep=2) as checkpoints:
+        for step in (2, 4, 6):
+            checkpoints.save(step, state(step), {"step": step})
+        checkpoints.save(6, state(99), {"step": 99})  # already saved: left as it is
+        assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 6]
+        restored, meta = checkpoints.restore(state())
+        assert meta == {"step": 6}
+        assert_equal(restored, state(6))
+        _, meta = checkpoints.restore(state(), step=4)
+        assert meta == {"step": 4}
+
+
+def test_a_half_written_step_is_neither_listed_nor_restored(tmp_path):
+    with Checkpointer(tmp_path) as checkpoints:
+        checkpoints.save(5, state(5), {"step": 5})
+    # what a run killed while saving step 9 leaves behind: orbax's temporary folder
+    partial = tmp_path / "9.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+    with Checkpointer(tmp_path) as checkpoints:
+        assert checkpoints.latest_step() == 5
+        restored, meta = checkpoints.restore(state())
+    assert meta == {"step": 5}
+    assert_equal(restored, state(5))
+
+
+def test_restoring_nothing_is_an_error(tmp_path):
+    with Checkpointer(tmp_path) as checkpoints, pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoints.restore(state())
