@@ -13,9 +13,13 @@ resampled (both would change the sampling distribution the accountant assumes):
 ``sample`` raises :class:`BatchOverflowError` and training stops. ``padded_size`` is
 by default the smallest size whose overflow probability — the exact binomial tail
 P[Binomial(N, q) > padded_size] — is at most ``max_overflow_probability`` (1e-12 per
-step); :attr:`PoissonSampler.overflow_probability` reports the value, and T steps
-overflow with probability at most T times it. Stopping reveals only that the batch was
-large, an event that does not depend on the data.
+step); :attr:`PoissonSampler.overflow_probability` reports the value. Training that
+stops on overflow differs from ideal Poisson DP-SGD only on an event of probability
+at most T × overflow_probability over T steps, whatever the data, so an (ε, δ)
+guarantee of the ideal mechanism holds with δ + T × overflow_probability (1e-7 for
+10^5 steps at the default bound: negligible against δ = 1e-5, but to be reported).
+The price is compute: padded slots are computed and masked (e.g. 178 slots for an
+expected batch of 100).
 
 **Randomness.** A :class:`SamplingSeed` holds a 128-bit seed; batch t is drawn from a
 generator keyed by (seed, t), so ``sample(seed, step)`` is a pure function and a

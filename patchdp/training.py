@@ -37,6 +37,7 @@ seeded from OS entropy (``secrets.randbits(64)``).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -133,6 +134,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     """
     validate_clip_norm(clip_norm)
     validate_noise(noise_multiplier, clip_norm, expected_batch_size)
+    if crop is not None and not isinstance(crop, CropSpec):
+        raise ValueError(f"crop must be a patchdp.inclusion.CropSpec (the one the accountant uses) or None, "
+                         f"got {type(crop).__name__}.")
+    if microbatch_size is not None and (isinstance(microbatch_size, bool) or not isinstance(
+            microbatch_size, numbers.Integral) or microbatch_size < 1):
+        raise ValueError(f"microbatch_size must be a positive integer dividing the batch size, or None; "
+                         f"got {microbatch_size!r}.")
     data = None if mesh is None else _examples(mesh)
 
     def example_loss(params, example):

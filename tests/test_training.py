@@ -184,6 +184,8 @@ def test_scan_microbatching_keeps_peak_memory_near_one_microbatch():
     (dict(clip_norm=None, noise_multiplier=1.0, expected_batch_size=4), "needs a clip_norm"),
     (dict(clip_norm=-1.0, noise_multiplier=1.0, expected_batch_size=4), "clip_norm"),
     (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=0), "expected_batch_size"),
+    (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, microbatch_size=0), "microbatch_size"),
+    (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, crop=(4, 4)), "CropSpec"),
 ])
 def test_invalid_configurations_are_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
