@@ -99,10 +99,9 @@ def test_deterministic_given_the_key_and_the_state_is_donated():
                            expected_batch_size=6, crop=SPEC, flip=True, microbatch_size=3)
     run = lambda key: step(TrainState.create(copy(params), optax.adam(0.01)), batch, key)
     (a, ma), (b, mb), (c, _) = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
-    for x, y, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c)):
+    for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.params["w"], c.params["w"])
-    assert ma == mb
     state = TrainState.create(copy(params), optax.adam(0.01))
     step(state, batch, jax.random.key(3))
     assert state.params["w"].is_deleted()
