@@ -3,7 +3,8 @@
     patchdp privacy    ε for patch-level vs image-level DP-SGD at a given noise
     patchdp calibrate  the noise each needs for a target ε
     patchdp inclusion  p* and a heatmap of p(t)
-    patchdp demo       the embedded default configuration, end to end
+    patchdp train      train a model with patch-level DP-SGD from a config file (--resume RUN_DIR)
+    patchdp demo       train the small U-Net on the embedded synthetic scenes, print the numbers
 
 Every bad input exits with status 2 and one line on stderr saying what is wrong and how
 to fix it. ``--json`` prints one JSON object instead of the table.
@@ -12,18 +13,17 @@ to fix it. ``--json`` prints one JSON object instead of the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from patchdp import accounting, report
-from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map, inclusion_probability
+from patchdp.config import Config, config_path, parse_patch, parse_value
+from patchdp.inclusion import CropSpec, image_hw, inclusion_map, inclusion_probability
 
-# The embedded default: the paper's Cityscapes setting (SCIENCE.md §5) with noise std 2
-# on a clip norm of 2, i.e. z = 1.
+# Defaults of the accounting verbs: the paper's Cityscapes setting (SCIENCE.md §5) with
+# noise std 2 on a clip norm of 2, i.e. z = 1.
 DEFAULTS = dict(image_size="1024x2048", crop="505", padding=0, crops_per_example=1,
                 patch="rect:10x10", batch_size=200, dataset_size=2975, epochs=100.0,
                 sampling="fixed", noise=1.0, delta=1e-5)
@@ -47,24 +47,6 @@ def _size(text: str, what: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise CliError(f"{what} must be positive, got {text!r}.")
     return h, w
-
-
-def parse_patch(text: str) -> Patch:
-    """rect:HxW | disc:D | blob:D | cluster:D[:GAP] | path/to/mask.npy"""
-    if text.endswith(".npy"):
-        path = Path(text)
-        if not path.exists():
-            raise CliError(f"patch mask file {text} does not exist.")
-        return Patch.from_mask(np.load(path), name=path.stem)
-    kind, _, arg = text.partition(":")
-    if kind == "rect":
-        return Patch.rectangle(*_size(arg, "rect patch size"))
-    if kind in ("disc", "blob", "cluster"):
-        numbers = arg.split(":")
-        if not all(n.isdigit() for n in numbers) or not 1 <= len(numbers) <= (2 if kind == "cluster" else 1):
-            raise CliError(f"{kind} patch needs a diameter, e.g. {kind}:10, got {text!r}.")
-        return getattr(Patch, kind)(*map(int, numbers))
-    raise CliError(f"unknown patch {text!r}: use rect:HxW, disc:D, blob:D, cluster:D[:GAP] or a .npy mask.")
 
 
 def _crop_spec(args) -> CropSpec:
@@ -204,20 +186,87 @@ def cmd_inclusion(args) -> None:
     _print(result, rows, args.json)
 
 
+def _overrides(args) -> dict:
+    """The config keys given as flags (``--batch-size 32`` → {"batch_size": 32})."""
+    keys = [f.name for f in dataclasses.fields(Config)]
+    return {k: parse_value(getattr(args, k)) for k in keys if getattr(args, k, None) is not None}
+
+
+def _add_override_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config overrides (TOML values: 32, 1e-5, true, [256, 512], {width = 8}; "
+                             "none unsets)")
+    for field in dataclasses.fields(Config):
+        g.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, metavar="VALUE",
+                       help=argparse.SUPPRESS if field.name in _RARE_KEYS else None)
+
+
+_RARE_KEYS = {"resolution", "eval_batch_size", "log_every", "epsilon_every", "train_split", "eval_split",
+              "input_normalization", "crop_probabilities", "output_size", "pretrained"}
+
+
+def cmd_train(args) -> None:
+    from patchdp.trainer import train  # imported on use: jax and flax are slow to import
+
+    overrides = _overrides(args)
+    if args.resume:
+        if args.config or overrides:
+            raise CliError("--resume continues a run with the config saved in its directory; "
+                           "drop --config and the overrides.")
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise CliError(f"{args.resume} is not a run directory (it has no config.json).")
+        result = train(Config.from_dict(json.loads(saved.read_text())), run_dir=args.resume, resume=True)
+    else:
+        if not args.config:
+            raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
+        result = train(Config.from_toml(config_path(args.config), overrides))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_run_table(result))
+
+
+def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
+    rows = list(extra)
+    rows += [(name, f"{value:.4f}") for name, value in result["scores"].items()]
+    p, same = result["privacy"], result["same_epsilon"]
+    rows.append(("steps", f"{result['steps']} of {result['steps_planned']} ({result['stop_reason']})"))
+    if p is not None:
+        how = f", calibrated by {result['accounting']}-level accounting" if result["noise_calibrated"] else ""
+        rows += [
+            ("noise multiplier z", f"{p['noise_multiplier']:.4g}  (noise std = z · clip norm{how})"),
+            ("p*, q, w = q·p*", f"{p['inclusion_probability']:.4g}, {p['sampling_rate']:.4g}, "
+                                f"{p['effective_sampling_rate']:.4g}"),
+            (f"ε patch-level  (δ = {p['delta']:.3g})", f"{p['epsilon_patch']:.3f}"),
+            ("ε image-level, same noise", f"{p['epsilon_image']:.3f}  ({p['epsilon_ratio']:.1f}x)"),
+            (f"noise image-level DP needs for ε = {p['epsilon_patch']:.3g}",
+             f"z = {same['noise_multiplier_image']:.3f}  ({same['noise_ratio']:.2f}x the noise)"),
+        ]
+    rows += [("seed", result["seed"]), ("run directory", result["run_dir"] + "  (report.md, PNGs, checkpoints)")]
+    return _table(rows)
+
+
 def cmd_demo(args) -> None:
-    args = argparse.Namespace(**{**DEFAULTS, "crop_sizes": None, "output_size": None, "steps": None,
-                                 "resolution": accounting.DEFAULT_RESOLUTION, "json": args.json})
+    """`train --config demo`, then the short table the README shows."""
+    import time
+
+    from patchdp.trainer import train
+
+    started = time.perf_counter()
+    config = Config.from_toml(config_path("demo"), _overrides(args))
     if not args.json:
-        print("patchdp demo: the paper's Cityscapes setting (1024x2048 images, 505x505 crops, "
-              "10x10 patch,\nbatch 200 of 2975, 100 epochs, noise std 2 on clip norm 2, δ = 1e-5).\n")
-    cmd_privacy(args)
-    if not args.json:
-        setting = _setting(args)
-        r = report.privacy_report(noise_multiplier=args.noise, **setting)
-        z_image = accounting.calibrate_noise(r["epsilon_patch"], args.delta, setting["steps"],
-                                             sampling=setting["sampling"], relation=accounting.ImageLevel())
-        print(_table([("noise image-level DP needs for the same ε", f"z = {z_image:.4f} "
-                       f"({z_image / args.noise:.2f}x the noise)")]))
+        print(f"patchdp demo: a {config.model} learns to segment the embedded synthetic scenes with patch-level\n"
+              f"DP-SGD; each scene holds small 'sensitive' faces and plates, and the protected patch\n"
+              f"({config.patch}) covers any one of them. Training crops: {config.crop_spec.sizes[0][0]}x"
+              f"{config.crop_spec.sizes[0][1]}, padding {config.padding}.\n", flush=True)
+    result = train(config)
+    result["wall_seconds"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(result))
+        return
+    count = config.eval_examples or "all"
+    print(_run_table(result, [("wall time (incl. compilation)", f"{result['wall_seconds']:.0f} s"),
+                              ("evaluated on", f"{count} validation images at full resolution")]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,8 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", help="write a PNG heatmap of p(t) here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_inclusion)
-    p = sub.add_parser("demo", help="the embedded default configuration")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("train", help="train a model with patch-level DP-SGD from a config file")
+    p.add_argument("--config", help="a TOML config file, or the name of a shipped config (demo, "
+                   "cityscapes_deeplabv3plus, mnist_resnet18, ...)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
+    _add_override_arguments(p)
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("demo", help="train the small U-Net on the embedded synthetic scenes (~2 minutes on a CPU)")
+    p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
+    _add_override_arguments(p)
     p.set_defaults(run=cmd_demo)
     return parser
 
@@ -247,7 +304,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
-    except (CliError, ValueError) as err:
+    except (CliError, ValueError, FileNotFoundError) as err:
         print(f"patchdp: error: {err}", file=sys.stderr)
         return 2
     return 0
