@@ -27,11 +27,14 @@ def inclusion_heatmap(p_map: np.ndarray, path, *, title: str = "") -> Path:
 
 def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
               xlabel: str, ylabel: str, title: str = "", logy: bool = False,
-              logx: bool = False, xticklabels: Sequence[str] | None = None) -> Path:
-    """One line per named (x, y) curve; ``xticklabels`` names categorical x = 0, 1, …"""
+              logx: bool = False, xticklabels: Sequence[str] | None = None,
+              errors: Mapping[str, Sequence[float]] | None = None) -> Path:
+    """One line per named (x, y) curve; ``xticklabels`` names categorical x = 0, 1, …;
+    ``errors`` gives ± error bars for some curves, by name."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label, marker="o" if len(x) <= 12 else None, ms=4)
+        yerr = (errors or {}).get(label)
+        ax.errorbar(x, y, yerr=yerr, label=label, marker="o" if len(x) <= 12 else None, ms=4, capsize=3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
