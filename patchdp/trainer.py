@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +137,7 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
 class Seeds(NamedTuple):
     """The run's secrets: the batch-sampling seed and the 64-bit base of the JAX keys.
 
-    Step t uses batch ``sampler.sample(sampling, t)`` and key ``step_key(t)``; the
+    Step t uses batch ``sampler.sample(sampling, t)`` and key ``step_keys()(t)``; the
     initial parameters use :meth:`init_key`. Secure seeds come from OS entropy; a fixed
     seed s gives ``SamplingSeed.fixed(s)`` and ``jax.random.key(s)``: reproducible and
     NOT secure.

@@ -23,7 +23,9 @@ from patchdp import accounting
 from patchdp.checkpoint import Checkpointer
 from patchdp.cli import main
 from patchdp.config import Config
-from patchdp.trainer import Seeds, make_plan, train
+from patchdp.data import SyntheticScenes
+from patchdp.metrics import confusion_matrix
+from patchdp.trainer import Seeds, evaluate, make_plan, train
 
 TINY = """
 model = "unet"
@@ -163,6 +165,27 @@ def test_classification_trains_and_reports_accuracy(tmp_path):
     assert report["steps"] == 3 and set(report["scores"]) == {"accuracy"}
     assert 0 <= report["scores"]["accuracy"] <= 1
     assert (tmp_path / "predictions.png").exists()
+
+
+def test_evaluation_scores_exactly_the_requested_examples():
+    """10 of 12 examples in batches of 4: the padded slots of the last batch count nowhere."""
+    dataset = SyntheticScenes("validation", num_examples=12, image_size=16)
+    all_background = lambda params, images, labels: (confusion_matrix(labels, 0 * labels, 5), None)
+    scores = evaluate(all_background, None, dataset, batch_size=4, count=10)
+    labels = dataset.get_batch(np.arange(10))["label"]
+    assert scores["pixel_accuracy"] == pytest.approx(np.mean(labels == 0))
+    assert scores["miou"] == pytest.approx(np.mean(labels == 0) / 5)  # IoU 0 for the 4 other classes
+
+
+def test_demo_trains_and_prints_the_table(capsys, tmp_path):
+    tiny = ["--model-options", "{width = 4, levels = 1}", "--dataset-options", "{num_examples = 32, image_size = 16}",
+            "--crop", "8", "--padding", "2", "--patch", "rect:3x3", "--batch-size", "8", "--steps", "4",
+            "--eval-examples", "8", "--eval-batch-size", "8", "--resolution", "1e-3", "--run-dir", str(tmp_path)]
+    assert main(["demo", *tiny]) == 0
+    out = capsys.readouterr().out
+    for text in ("wall time", "miou", "ε patch-level", "ε image-level, same noise", "noise image-level DP needs"):
+        assert text in out
+    assert (tmp_path / "report.md").exists()
 
 
 def test_seeds():
