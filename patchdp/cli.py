@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 from patchdp import accounting, report
@@ -193,15 +194,11 @@ def _overrides(args) -> dict:
 
 
 def _add_override_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("config overrides (TOML values: 32, 1e-5, true, [256, 512], {width = 8}; "
-                             "none unsets)")
+    g = p.add_argument_group(
+        "config overrides", "Any key of a config file (documented in patchdp/config.py), as a TOML value: "
+        "32, 1e-5, true, [256, 512], '{width = 8}', rect:10x10; none unsets a key.")
     for field in dataclasses.fields(Config):
-        g.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, metavar="VALUE",
-                       help=argparse.SUPPRESS if field.name in _RARE_KEYS else None)
-
-
-_RARE_KEYS = {"resolution", "eval_batch_size", "log_every", "epsilon_every", "train_split", "eval_split",
-              "input_normalization", "crop_probabilities", "output_size", "pretrained"}
+        g.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, metavar="VALUE")
 
 
 def cmd_train(args) -> None:
@@ -248,17 +245,15 @@ def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
 
 def cmd_demo(args) -> None:
     """`train --config demo`, then the short table the README shows."""
-    import time
-
     from patchdp.trainer import train
 
     started = time.perf_counter()
     config = Config.from_toml(config_path("demo"), _overrides(args))
     if not args.json:
-        print(f"patchdp demo: a {config.model} learns to segment the embedded synthetic scenes with patch-level\n"
-              f"DP-SGD; each scene holds small 'sensitive' faces and plates, and the protected patch\n"
-              f"({config.patch}) covers any one of them. Training crops: {config.crop_spec.sizes[0][0]}x"
-              f"{config.crop_spec.sizes[0][1]}, padding {config.padding}.\n", flush=True)
+        h, w = config.crop_spec.sizes[0]
+        print(f"patchdp demo: patch-level DP-SGD trains a {config.model} to segment the embedded synthetic\n"
+              f"scenes. Each scene holds small 'sensitive' faces and plates; the protected patch ({config.patch})\n"
+              f"covers any one of them. Training crops: {h}x{w}, zero padding {config.padding}.\n", flush=True)
     result = train(config)
     result["wall_seconds"] = time.perf_counter() - started
     if args.json:
