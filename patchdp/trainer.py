@@ -263,13 +263,12 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
       progress: show a progress bar (tqdm; hidden when stderr is not a terminal).
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-
     train_set, eval_set = load_dataset(config, config.train_split), load_dataset(config, config.eval_split)
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if jax.device_count() > 1 else None
     plan = make_plan(config, len(train_set), train_set.image_shape, devices=jax.device_count())
+    run_dir = Path(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the plan holds: a bad config leaves nothing behind
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = get_model(config.model, train_set.num_classes, **config.model_options)
     optimizer = make_optimizer(config)
     step_fn = make_train_step(

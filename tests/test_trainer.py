@@ -221,7 +221,8 @@ def test_plan_defaults_and_errors(tiny):
     (["--resume", "nowhere", "--config", "TINY"], "drop --config"),
     ([], "train needs --config"),
 ])
-def test_train_errors_are_one_line(capsys, tiny, args, message):
+def test_train_errors_are_one_line(capsys, tmp_path, monkeypatch, tiny, args, message):
+    monkeypatch.chdir(tmp_path)
     args = [str(tiny) if a == "TINY" else a for a in args]
     assert main(["train", *args]) == 2
     out, err = capsys.readouterr()
@@ -229,3 +230,4 @@ def test_train_errors_are_one_line(capsys, tiny, args, message):
     assert err.startswith("patchdp: error: ")
     import re
     assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists(), "a failed run leaves no run directory behind"
