@@ -23,8 +23,9 @@ Numerics: each pair's profile is evaluated in closed form (Gaussian tails in log
 on the grid ε_i = i·Δε, turned into a PLD with the pessimistic connect-the-dots
 discretisation of Doroshenko et al. (2022) via ``dp_accounting``, self-composed with an
 FFT, and queried for ε(δ) or δ(ε). Every approximation rounds towards *less* privacy:
-the discretisation is pessimistic, truncated tails move to ε = +∞, and the lowest losses
-are lumped upwards. The RDP accountant of ``dp_accounting`` gives an independent, looser
+the discretisation is pessimistic, truncated tails move to ε = +∞, the lowest losses
+are lumped upwards, and the FFT's floating-point error, bounded a priori for any CPU
+(section "composition"), is added to every δ. The RDP accountant of ``dp_accounting`` gives an independent, looser
 upper bound (tests check it is never below ours).
 
 Units: ``noise_multiplier`` z is the noise std divided by the clip norm C; ``steps`` T is
@@ -47,7 +48,7 @@ from scipy import optimize, signal, special
 __all__ = [
     "FixedSizeSampling", "PoissonSampling", "PatchLevel", "ImageLevel", "AddRemove",
     "GaussianAugmentation", "effective_sampling_rate", "epsilon", "delta",
-    "privacy_profile", "calibrate_noise", "max_steps", "Ledger",
+    "privacy_profile", "numerical_floor", "calibrate_noise", "max_steps", "Ledger",
     "gaussian_mechanism_delta", "gaussian_mechanism_epsilon", "data_level_noise_profile",
     "DEFAULT_RESOLUTION",
 ]
@@ -219,12 +220,16 @@ def _loss_range(rate: float, mu: float) -> float:
 
 class _PLD(NamedTuple):
     """A discrete privacy loss distribution: mass ``probs[i]`` at loss
-    (offset + i)·step, plus ``infinity_mass`` at +∞."""
+    (offset + i)·step, plus ``infinity_mass`` at +∞. A composed PLD's masses carry
+    floating-point errors d bounded by ``error_max`` and ``error_l2``: the exact PLD is
+    dominated by probs + |d|, and every query adds what d can add to δ."""
 
     probs: np.ndarray
     offset: int
     step: float
     infinity_mass: float
+    error_max: float = 0.0   # bounds on the rounding error d of composed masses:
+    error_l2: float = 0.0    # max |d_l| and ‖d‖₂ (see "composition")
 
     @property
     def losses(self) -> np.ndarray:
@@ -281,11 +286,54 @@ def _single_step(kind: str, rate: float, noise_multiplier: float, step: float) -
 
 
 # =========================================================================== composition
+#
+# Floating-point error of the FFT composition (the derivation behind ``error_max`` and
+# ``error_l2`` of every composed :class:`_PLD`). Notation: u = 2^-53 the unit roundoff,
+# N the (5-smooth) FFT length, p the n grid masses of a PLD, X = DFT(p) its spectrum,
+# computed values wear a hat.
+#
+# (F) One real FFT of length N. scipy.fft (pocketfft) factors N into radix-2, -3, -4 and -5
+#     passes; every output is reached from every input along exactly one path of
+#     butterflies, so the computed transform satisfies, componentwise and normwise,
+#         |X̂_k − X_k| ≤ g(N)·‖p‖₁,      ‖ŷ − y‖₂ ≤ g(N)·‖y‖₂,
+#     with g(N) = (1 + η)^L − 1 + 2u, L the binary levels of N (a radix-r pass counts
+#     ⌈log₂ r⌉), and η = 8u the error of one level: Higham (2002, §24.1, Thm 24.2) has
+#     η = μ + γ₄(√2 + μ) ≈ 5.7u + μ for radix 2 with twiddle factors accurate to μ ≤ u, and
+#     pocketfft's radix-3/-4/-5 butterflies stay below 8u per level they count for. The
+#     2u covers the 1/N scaling of the inverse. This is a worst-case bound: it holds for
+#     any rounding order, vectorisation or FMA use, i.e. on any CPU and numpy/scipy build.
+# (P) The T-th power by binary powering (only multiplications, never the libm ``cpow``
+#     that ``**`` calls): a complex product has relative error ≤ m = √2·γ₂ (Higham
+#     Lemma 3.5), and by induction x^a·x^b carries (1 + m)^(a+b−1), so
+#         |pow(X̂_k) − X̂_k^T| ≤ ρ_T·|X̂_k|^T,   ρ_T = (1 + m)^(T−1) − 1.
+#     The input error propagates as |X̂^T − X^T| ≤ T·max(|X̂|, |X|)^(T−1)·|X̂ − X| (from
+#     a^T − b^T = (a − b)·Σ a^i b^(T−1−i)), with |X| ≤ |X̂| + e. A product of two spectra
+#     (``_compose``) likewise: |âb̂(1+θ) − ab| ≤ m|â||b̂| + e_a|b̂| + (|â| + e_a)e_b.
+# (I) The inverse transform of the computed spectrum ŝ, whose error against the exact
+#     one is bounded per coefficient by σ_k (from (P)): by (F), linearity and Parseval,
+#         max_j |ŷ_j − y_j| ≤ (Σ_k σ_k + g(N)·Σ_k |ŝ_k|) / N,
+#         ‖ŷ − y‖₂        ≤ (‖σ‖₂ + g(N)·‖ŝ‖₂) / √N,
+#     sums over all N coefficients (the Hermitian half counted twice).
+# A PLD whose masses carry such errors d (|d_l| ≤ error_max, ‖d‖₂ ≤ error_l2) enters the
+# next FFT with ‖d‖₁ ≤ min(n·error_max, √n·error_l2) added to e. The exact-arithmetic
+# PLD is then dominated by probs + |d|, and δ(ε) gains at most
+#     Σ_{l>ε} |d_l|(1 − e^{ε−l}) ≤ min(error_max·C(ε), error_l2·√C(ε)),  C(ε) = Σ_{l>ε} (1 − e^{ε−l}),
+# (Hölder, and c² ≤ c for c ∈ [0, 1]), which every query adds: δ stays an upper bound.
+# The bounds exceed the float64 errors measured against an 80-bit composition by
+# 10²–10³ (tests/test_accounting.py); they cost < 1e-3 relative in ε at δ = 1e-5 and set
+# a numerical floor (:func:`numerical_floor`) below which δ is a valid but loose bound.
+
+_UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2
+_FFT_LEVEL_ERROR = 8 * _UNIT_ROUNDOFF                                       # η in (F)
+_PRODUCT_ERROR = math.sqrt(2) * 2 * _UNIT_ROUNDOFF / (1 - 2 * _UNIT_ROUNDOFF)  # m in (P)
+_UNDERFLOW = 4 * np.finfo(np.float64).smallest_subnormal  # absolute error of a product that underflows
+_BOUND_SLACK = 1 + 1e-6  # covers the rounding in evaluating the bounds themselves
+_MAX_GRID = 2 ** 25      # grid points of one composition (~2 GB of FFT buffers)
 
 
 def _truncate(pld: _PLD, tail: float) -> _PLD:
     """Drops ≤ tail/2 of mass from each end, pessimistically: the low end is lumped into
-    the first kept loss (moved up), the high end goes to +∞."""
+    the first kept loss (moved up), the high end goes to +∞. For exact PLDs only."""
     probs = np.maximum(pld.probs, 0.0)
     low = np.cumsum(probs)
     first = int(np.searchsorted(low, tail / 2, side="right"))
@@ -324,45 +372,97 @@ def _support_bounds(pld: _PLD, times: int, tail: float) -> tuple[int, int]:
     return lo, hi
 
 
-def _from_fft(raw: np.ndarray, offset: int, step: float, infinity: float, error_scale: float) -> _PLD:
-    """Wraps an FFT result as a PLD, pessimistically.
+def _fft_error(size: int) -> float:
+    """g(N) of (F): the relative error bound of one real FFT of length ``size``."""
+    levels, rest = 0, size
+    for radix, cost in ((2, 1), (3, 2), (5, 3)):
+        while rest % radix == 0:
+            rest, levels = rest // radix, levels + cost
+    if rest != 1:
+        raise ArithmeticError(f"FFT length {size} is not 5-smooth; please report.")
+    return math.expm1(levels * math.log1p(_FFT_LEVEL_ERROR)) + 2 * _UNIT_ROUNDOFF
 
-    FFT rounding leaves absolute errors of about error_scale · ulp · max per bin (for a
-    T-th power of a spectrum, error_scale ≈ T; it shows as small negative bins). Their
-    total over the grid, n · max(−min, error_scale · ulp · max), is added to the mass at
-    +∞, so that δ(ε) stays an upper bound despite rounding; the tails holding ≤ _TAIL_MASS
-    are trimmed. The allowance is ~1e-11 for 1e5 steps, far below any δ in use.
-    """
-    noise = max(-float(raw.min()), np.finfo(np.float64).eps * float(raw.max()))
-    allowance = raw.size * noise
-    return _truncate(_PLD(raw, offset, step, min(infinity + allowance, 1.0)), _TAIL_MASS)
+
+def _fft_length(points: int, step: float) -> int:
+    """A fast (5-smooth) FFT length ≥ ``points``, or a ValueError when the grid is too fine."""
+    if points > _MAX_GRID:
+        coarser = step * points / _MAX_GRID
+        raise ValueError(f"the composed privacy loss distribution needs {points:,} grid points at resolution "
+                         f"{step:g}, more than {_MAX_GRID:,}: use resolution >= {coarser:.2g} nats "
+                         "(ε is then rounded up a little more), or fewer steps.")
+    return sp_fft.next_fast_len(points, real=True)
+
+
+def _spectrum(pld: _PLD, size: int) -> tuple[np.ndarray, float]:
+    """The rFFT of the masses and a bound e on every coefficient's error against the
+    exact DFT of the dominating masses probs + |d| (see (F) and the closing remark)."""
+    n = pld.probs.size
+    carried = min(n * pld.error_max, math.sqrt(n) * pld.error_l2)
+    return sp_fft.rfft(pld.probs, size), _fft_error(size) * float(np.abs(pld.probs).sum()) + carried
+
+
+def _power(x: np.ndarray, times: int) -> np.ndarray:
+    """x**times elementwise by binary powering: multiplications only, error as in (P)."""
+    result, base = None, x
+    while True:
+        if times & 1:
+            result = base if result is None else result * base
+        times >>= 1
+        if not times:
+            return result
+        base = base * base
+
+
+def _from_spectrum(spectrum: np.ndarray, spectrum_error: np.ndarray, size: int, window: tuple[int, int],
+                   offset: int, step: float, infinity: float) -> _PLD:
+    """The inverse rFFT read out over ``window`` = (first index, count), with the error
+    bounds of (I). ``spectrum_error[k]`` bounds the error of coefficient k."""
+    first, count = window
+    raw = sp_fft.irfft(spectrum, size)
+    probs = np.roll(raw, -first)[:count] if first else raw[:count]
+    weights = np.full(spectrum.size, 2.0)  # the rFFT stores half of a Hermitian spectrum
+    weights[0] = 1.0
+    if size % 2 == 0:
+        weights[-1] = 1.0
+    magnitude, g = np.abs(spectrum), _fft_error(size)
+    error_max = (weights @ spectrum_error + g * (weights @ magnitude)) / size
+    error_l2 = (math.sqrt(weights @ spectrum_error ** 2) + g * math.sqrt(weights @ magnitude ** 2)) / math.sqrt(size)
+    return _PLD(probs, offset, step, min(infinity, 1.0), _BOUND_SLACK * error_max, _BOUND_SLACK * error_l2)
 
 
 def _self_compose(pld: _PLD, times: int) -> _PLD:
     """The `times`-fold composition: one real FFT raised to the power `times`, read out
-    over a window that holds all but _TAIL_MASS of the mass (Chernoff bounds)."""
+    over a window that holds all but _TAIL_MASS of the mass (Chernoff bounds); the
+    rounding error is bounded as derived above."""
     if times == 1:
         return pld
     lo, hi = _support_bounds(pld, times, _TAIL_MASS)
-    size = sp_fft.next_fast_len(max(hi - lo + 1, pld.probs.size), real=True)
-    spectrum = sp_fft.rfft(pld.probs, size) ** times
-    # Circular convolution: index k holds all sums ≡ k (mod size); the wanted window
-    # [lo, hi] fits in one period, so rolling by lo reads it out. Mass outside the
-    # window (≤ _TAIL_MASS) is counted at +∞.
-    raw = np.roll(sp_fft.irfft(spectrum, size), -lo)[: hi - lo + 1]
+    size = _fft_length(max(hi - lo + 1, pld.probs.size), pld.step)
+    x, e = _spectrum(pld, size)
+    magnitude = np.abs(x)
+    rho = math.expm1((times - 1) * math.log1p(_PRODUCT_ERROR))
+    error = rho * magnitude ** times + times * (magnitude + e) ** (times - 1) * e + times * _UNDERFLOW
+    # Circular convolution: index k holds all sums ≡ k (mod size); the window [lo, hi]
+    # fits in one period, so rolling by lo reads it out. Mass outside the window
+    # (≤ _TAIL_MASS) is counted at +∞; the part of it that aliases into the window only
+    # adds mass there, which is pessimistic.
     infinity = -math.expm1(times * math.log1p(-pld.infinity_mass)) + _TAIL_MASS
-    return _from_fft(raw, pld.offset * times + lo, pld.step, infinity, error_scale=times)
+    return _from_spectrum(_power(x, times), error, size, (lo, hi - lo + 1), pld.offset * times + lo,
+                          pld.step, infinity)
 
 
 def _compose(a: _PLD, b: _PLD) -> _PLD:
-    """The PLD of the composition: the convolution of the two, by one real FFT."""
+    """The PLD of the composition: the convolution of the two, by one real FFT, with the
+    rounding error bounded as derived above."""
     if a.step != b.step:
         raise ValueError("cannot compose PLDs with different resolutions.")
     n = a.probs.size + b.probs.size - 1
-    size = sp_fft.next_fast_len(n, real=True)
-    raw = sp_fft.irfft(sp_fft.rfft(a.probs, size) * sp_fft.rfft(b.probs, size), size)[:n]
+    size = _fft_length(n, a.step)
+    (xa, ea), (xb, eb) = _spectrum(a, size), _spectrum(b, size)
+    ma, mb = np.abs(xa), np.abs(xb)
+    error = _PRODUCT_ERROR * ma * mb + ea * mb + (ma + ea) * eb + _UNDERFLOW
     infinity = 1 - (1 - a.infinity_mass) * (1 - b.infinity_mass)
-    return _from_fft(raw, a.offset + b.offset, a.step, infinity, error_scale=math.log2(size))
+    return _from_spectrum(xa * xb, error, size, (0, n), a.offset + b.offset, a.step, infinity)
 
 
 def _tail_sums(pld: _PLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -379,20 +479,51 @@ def _tail_sums(pld: _PLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pld.losses, upper, scaled
 
 
+def _rounding_allowance(pld: _PLD, epsilons: np.ndarray) -> np.ndarray:
+    """The most the rounding errors d can add to δ(ε): min(error_max·C, error_l2·√C)
+    with C(ε) = Σ_{l>ε} (1 − e^{ε−l}) over the grid (a geometric sum), see above."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    if pld.error_max == 0 and pld.error_l2 == 0:
+        return np.zeros(epsilons.shape)
+    losses = pld.losses
+    first = np.searchsorted(losses, epsilons, side="right")  # first loss > ε
+    count = losses.size - first
+    above = np.minimum(first, losses.size - 1)
+    geometric = -np.expm1(-count * pld.step) / -math.expm1(-pld.step)  # Σ_{i<count} e^{−i·step}
+    c = np.where(count > 0, count - np.exp(epsilons - losses[above]) * geometric, 0.0)
+    c = np.maximum(c, 0.0) * _BOUND_SLACK + 1e-6  # + its own absolute rounding (≪ 1e-6)
+    return np.minimum(pld.error_max * c, pld.error_l2 * np.sqrt(c))
+
+
 def _delta_of(pld: _PLD, epsilons: np.ndarray) -> np.ndarray:
-    """δ(ε) = P(L = ∞) + Σ_{l > ε} p_l (1 − e^{ε − l}) for each ε."""
+    """δ(ε) = P(L = ∞) + Σ_{l > ε} p_l (1 − e^{ε − l}) for each ε, plus the rounding
+    allowance of a composed PLD."""
     losses, upper, scaled = _tail_sums(pld)
     idx = np.searchsorted(losses, epsilons, side="right")  # first loss > ε
     inside = idx < losses.size
     out = np.full(np.shape(epsilons), pld.infinity_mass, dtype=np.float64)
     j = idx[inside]
     out[inside] = upper[j] - np.exp(np.asarray(epsilons)[inside] - losses[j]) * scaled[j]
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out + _rounding_allowance(pld, epsilons), 0.0, 1.0)
 
 
 def _epsilon_of(pld: _PLD, target_delta: float) -> float:
-    """Smallest ε ≥ 0 with δ(ε) ≤ target_delta (math.inf if none)."""
-    if pld.infinity_mass > target_delta:
+    """Smallest ε ≥ 0 whose δ(ε), rounding allowance included, is ≤ target_delta
+    (math.inf if none: δ below the numerical floor or the mass at +∞).
+
+    The allowance A(ε) decreases in ε, so with ε₀ the answer without it, the answer for
+    target_delta − A(ε₀) satisfies δ + A ≤ target_delta (it is ≥ ε₀, where A ≤ A(ε₀)).
+    """
+    first = _epsilon_of_masses(pld, target_delta)
+    if math.isinf(first):
+        return first
+    allowance = float(_rounding_allowance(pld, np.array([first]))[0])
+    return first if allowance == 0 else _epsilon_of_masses(pld, target_delta - allowance)
+
+
+def _epsilon_of_masses(pld: _PLD, target_delta: float) -> float:
+    """Smallest ε ≥ 0 with P(L = ∞) + Σ_{l > ε} p_l (1 − e^{ε − l}) ≤ target_delta."""
+    if not pld.infinity_mass <= target_delta:
         return math.inf
     losses, upper, scaled = _tail_sums(pld)
     # δ at grid loss l_j counts the losses above it: e^{l_j}Σ_{i>j} p_i e^{−l_i} = e^{−step}·scaled[j+1].
@@ -445,6 +576,7 @@ def _check_resolution(value) -> float:
     return _check_in("resolution (PLD grid spacing in nats)", value, 0, 0.1, closed_high=True)
 
 
+@functools.lru_cache(maxsize=2)  # a profile and its numerical floor share one composition
 def _composed(noise_multiplier: float, steps: int, sampling: Sampling, relation: Relation,
               resolution: float) -> tuple[_PLD, ...]:
     rate = effective_sampling_rate(sampling, relation)
@@ -455,7 +587,10 @@ def _composed(noise_multiplier: float, steps: int, sampling: Sampling, relation:
 def epsilon(noise_multiplier: float, steps: int, delta: float, *, sampling: Sampling,
             relation: Relation, resolution: float = DEFAULT_RESOLUTION) -> float:
     """ε such that T steps of DP-SGD with noise multiplier z are (ε, δ)-DP under the
-    relation (an upper bound, tight up to the discretisation ``resolution``)."""
+    relation (an upper bound, tight up to the discretisation ``resolution``).
+
+    ``math.inf`` when no ε can be certified: δ is at or below :func:`numerical_floor`,
+    where the float64 composition cannot resolve the profile (or the mass at +∞)."""
     target = _check_delta(delta)
     plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
     return max(_epsilon_of(p, target) for p in plds)
@@ -474,12 +609,29 @@ def delta(noise_multiplier: float, steps: int, epsilon: float, *, sampling: Samp
 def privacy_profile(noise_multiplier: float, steps: int, epsilons: Sequence[float], *,
                     sampling: Sampling, relation: Relation,
                     resolution: float = DEFAULT_RESOLUTION) -> np.ndarray:
-    """The privacy profile δ(ε) after T steps on a grid of ε (any order, ε ≥ 0)."""
+    """The privacy profile δ(ε) after T steps on a grid of ε (any order, ε ≥ 0).
+
+    Every value is an upper bound. Below :func:`numerical_floor` (about 1e-9 to 1e-8 for
+    10^5 steps at the default resolution) the bound is dominated by the allowance for
+    float64 rounding and flattens out while the true profile keeps falling: do not read
+    the shape of the curve there.
+    """
     eps = np.asarray(epsilons, dtype=np.float64)
     if eps.ndim != 1 or (eps < 0).any() or not np.isfinite(eps).all():
         raise ValueError("epsilons must be a 1-D sequence of finite values >= 0.")
     plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
     return np.max([_delta_of(p, eps) for p in plds], axis=0)
+
+
+def numerical_floor(noise_multiplier: float, steps: int, *, sampling: Sampling, relation: Relation,
+                    resolution: float = DEFAULT_RESOLUTION) -> float:
+    """The δ below which float64 cannot make the accountant tight: the mass at +∞ (tails
+    cut from the grid) plus the most that the bounded rounding errors of the FFT
+    composition can add to δ (module section "composition"). A δ(ε) below it is still a
+    valid upper bound, but possibly far above the truth; ε for a target δ below it can
+    come out ``inf``. Plots of privacy profiles mark this region."""
+    plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
+    return max(p.infinity_mass + float(_rounding_allowance(p, np.zeros(1))[0]) for p in plds)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, steps: int, *, sampling: Sampling,
