@@ -304,7 +304,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     evaluator = make_evaluator(model, eval_set.num_classes, config.input_normalization)
     ledger = accounting.Ledger(sampling=plan.sampling, relation=plan.relation, delta=plan.delta,
                                budget_epsilon=plan.budget, resolution=config.resolution)
-    setting = _privacy_setting(config, plan, ledger)
+    setting = _privacy_setting(config, plan)
     seeds = Seeds.create(config.seed)
     state = _initial_state(model, optimizer, seeds, plan, config.pretrained)
     start = 0
@@ -315,7 +315,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             raise ValueError(f"{run_dir} already holds the checkpoints of a run; resume it (--resume {run_dir}) "
                              "or choose another run directory.")
         state, meta = checkpoints.restore(state)
-        ledger = _resumable_ledger(meta, setting, run_dir)
+        ledger = _resumable_ledger(meta, setting, ledger, run_dir)
         seeds, start = _read_secrets(run_dir), meta["step"]
 
     with _writing(run_dir, ledger):  # the run is accepted: from here on it writes its directory
@@ -429,21 +429,23 @@ PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_p
                 "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution")
 
 
-def _privacy_setting(config: Config, plan: Plan, ledger: accounting.Ledger) -> dict:
-    """What the guarantee of the steps taken rests on, apart from their noise: the config's
-    crop, patch, sampling, clip norm, accounting, δ and budget, the sampler (with the
-    dataset size), and the ledger's view of them. Saved in every checkpoint; a resumed run must match it."""
+def _privacy_setting(config: Config, plan: Plan) -> dict:
+    """What the guarantee of the steps taken rests on, besides the ledger and the noise:
+    the config's crop, patch, sampling, clip norm, accounting, δ and budget, and the
+    sampler (with the dataset size). Saved in every checkpoint; a resumed run must match it."""
     setting = {key: config.to_dict()[key] for key in PRIVACY_KEYS}
-    setting.update(sampler=_describe(plan.sampler), delta=plan.delta,
-                   ledger={k: v for k, v in ledger.to_dict().items() if k != "runs"})
+    setting.update(sampler=_describe(plan.sampler), delta=plan.delta)
     return json.loads(json.dumps(setting))  # as a checkpoint gives it back: lists, not tuples
 
 
-def _resumable_ledger(meta: dict, setting: dict, run_dir: Path) -> accounting.Ledger:
-    """The ledger of a checkpoint that a run with ``setting`` may continue; ValueError in
-    one line when the config changed what the ledger cannot represent (anything but the
-    noise multiplier, whose runs the ledger composes) or when the checkpoint contradicts itself."""
-    saved, now = _flat(meta.get("setting", {})), _flat(setting)
+def _resumable_ledger(meta: dict, setting: dict, ledger: accounting.Ledger, run_dir: Path) -> accounting.Ledger:
+    """The ledger of a checkpoint that a run with ``setting`` and a fresh ``ledger`` may
+    continue; ValueError in one line when the config changed what the ledger cannot
+    represent (anything but the noise multiplier, whose runs the ledger composes: the
+    sampling, relation, δ, budget) or when the checkpoint contradicts itself."""
+    without_runs = lambda state: {key: value for key, value in state.items() if key != "runs"}
+    saved = _flat({**meta.get("setting", {}), "ledger": without_runs(meta["ledger"])})
+    now = _flat(json.loads(json.dumps({**setting, "ledger": without_runs(ledger.to_dict())})))
     changed = [f"{key} {saved.get(key)!r} → {value!r}" for key, value in now.items() if saved.get(key) != value]
     if changed:
         raise ValueError(f"cannot resume {run_dir}: the config differs from its checkpoint in {'; '.join(changed)}. "

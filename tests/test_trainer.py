@@ -369,3 +369,22 @@ def test_a_run_whose_directory_turns_read_only_ends_with_one_line(tiny, tmp_path
     assert "\n" not in message and message.startswith(f"cannot write {run_dir / 'checkpoints'}")
     assert f"patchdp train --resume {run_dir}" in message
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_export_has_no_secret_and_rebuilds_the_model(finished, tmp_path):
+    from patchdp.export import export_model, load_model, predict
+    _, run_dir, result = finished
+    out = export_model(run_dir, tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "params.npz"]
+    secrets = json.loads((run_dir / "secrets.json").read_text())
+    for file in out.iterdir():
+        assert not any(str(v).encode() in file.read_bytes() for v in (secrets["sampling"], *secrets["key"])), file
+    model, params, info = load_model(out)
+    assert info["class_names"] and info["privacy"]["epsilon_patch"] == result["privacy"]["epsilon_patch"]
+    with np.load(out / "params.npz") as saved:
+        assert not any("opt_state" in key or key.startswith(("mu", "nu")) for key in saved.files)
+    _, trained = final_params(run_dir)
+    images = SyntheticScenes("validation", num_examples=4, image_size=16).get_batch(np.arange(4))["image"]
+    expected = predict(model, trained, images, "unit")
+    np.testing.assert_array_equal(predict(model, params, images, info["input_normalization"]), expected)
+    assert expected.shape == (4, 16, 16)
