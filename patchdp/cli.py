@@ -230,16 +230,19 @@ def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
     rows.append(("steps", f"{result['steps']} of {result['steps_planned']} ({result['stop_reason']})"))
     if p is not None:
         how = f", calibrated by {result['accounting']}-level accounting" if result["noise_calibrated"] else ""
+        shown = report.shown
         rows += [
-            ("noise multiplier z", f"{p['noise_multiplier']:.4g}  (noise std = z · clip norm{how})"),
+            ("noise multiplier z", f"{report.noise_runs_text(p)}  (noise std = z · clip norm{how})"),
             ("p*, q, w = q·p*", f"{p['inclusion_probability']:.4g}, {p['sampling_rate']:.4g}, "
                                 f"{p['effective_sampling_rate']:.4g}"),
-            (f"ε patch-level  (δ = {p['delta']:.3g})", f"{p['epsilon_patch']:.3f}"),
-            ("ε image-level, same noise", f"{p['epsilon_image']:.3f}  ({p['epsilon_ratio']:.1f}x)"),
-            (f"noise image-level DP needs for ε = {p['epsilon_patch']:.3g}",
-             f"z = {same['noise_multiplier_image']:.3f}  ({same['noise_ratio']:.2f}x the noise)"),
+            (f"ε patch-level  (δ = {p['delta']:.3g})", shown(p, "epsilon_patch", ".3f")),
+            ("ε image-level, same noise", f"{shown(p, 'epsilon_image', '.3f')}  ({shown(p, 'epsilon_ratio', '.1f')}x)"),
+            (f"noise image-level DP needs for ε = {shown(p, 'epsilon_patch', '.3g')}",
+             f"z = {shown(same, 'noise_multiplier_image', '.3f')}  ({shown(same, 'noise_ratio', '.2f')}x the noise)"),
         ]
-    rows += [("seed", result["seed"]), ("run directory", result["run_dir"] + "  (report.md, PNGs, checkpoints)")]
+    rows += [("warning", warning) for warning in result["warnings"]]
+    rows += [("seed", result["seed"]), ("run directory", result["run_dir"] + "  (report.md, PNGs, checkpoints, "
+                                                         "secrets.json: do not share; see patchdp.export)")]
     return _table(rows)
 
 
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
-    except (CliError, ValueError, FileNotFoundError) as err:
+    except (CliError, ValueError, OSError) as err:  # OSError: e.g. a run directory that became read-only
         print(f"patchdp: error: {err}", file=sys.stderr)
         return 2
     return 0

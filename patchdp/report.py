@@ -72,3 +72,17 @@ def noise_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: account
         "noise_multiplier_image": z_image,
         "noise_ratio": z_image / z_patch,
     }
+
+
+def shown(section: dict, key: str, spec: str) -> str:
+    """``section[key]`` formatted with ``spec``, or "n/a (<its reason>)" when it is None."""
+    value = section.get(key)
+    return format(value, spec) if value is not None else f"n/a ({section.get(f'{key}_reason', 'unknown')})"
+
+
+def noise_runs_text(privacy: dict) -> str:
+    """The noise of a run's steps: "1" or, when it changed, "1 (40 steps), then 3 (40 steps)"."""
+    runs = privacy["noise_runs"]
+    if len(runs) == 1:
+        return f"{runs[0][0]:.4g}"
+    return ", then ".join(f"{z:.4g} ({count} steps)" for z, count in runs)

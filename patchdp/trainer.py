@@ -11,11 +11,22 @@ report out.
            ─► final evaluation, report (JSON + Markdown), plots
 
 **Exact resumption.** Batch t and the key of step t are pure functions of the run's
-seeds and t (:class:`Seeds`), so a checkpoint needs only the train state, the seeds, the
-sampler's description and the ledger; a resumed run computes exactly the steps an
-uninterrupted run with the same seeds would have.
+seeds and t (:class:`Seeds`), so a checkpoint needs only the train state, the sampler's
+description, the privacy setting and the ledger, and the run directory the seeds; a
+resumed run computes exactly the steps an uninterrupted run with the same seeds would
+have. Resuming checks the checkpoint against the config first and refuses, in one line,
+any change the ledger cannot account for (crop, patch, sampling, dataset size,
+accounting, δ, budget, clip norm); a changed noise multiplier is composed by the ledger.
 
-**Outputs** in the run directory: ``config.json`` (what ``--resume`` reads),
+**Nothing is written before the run is accepted**: the config, the dataset, the plan and
+any checkpoint to resume are all checked first, so a refused command leaves an existing
+run directory as it was.
+
+**Secrets.** ``secrets.json`` (mode 0600) holds the run's seeds; checkpoints do not. Whoever
+has it knows which images were sampled at each step and the noise added: do not share a
+run directory; share :func:`patchdp.export.export_model`'s output instead.
+
+**Outputs** in the run directory: ``config.json`` (what ``--resume`` reads), ``secrets.json``,
 ``metrics.jsonl`` (one record per line: ``kind`` = ``train`` with loss and clipped
 fraction every ``log_every`` steps, ``epsilon`` every ``epsilon_every`` steps, ``eval``
 with the scores), ``checkpoints/``, ``report.json`` and ``report.md``, and
@@ -27,18 +38,23 @@ batches of ``eval_batch_size``; a partial last batch is padded with ignored labe
 
 **Privacy.** The guarantee is that of the accounting named in the config (patch level:
 w = q·p* with the crop distribution of ``config.crop_spec``; image level: w = q), at δ,
-for the steps actually taken, under the secure seed mode; the report gives ε at the same
-δ under both accountings. Evaluation scores and the logged training loss are NOT
+for the steps actually taken, under the secure seed mode. Every ε the run shows (report,
+``metrics.jsonl``, plots) comes from its ledger, i.e. the steps taken with their noise
+multipliers; the report gives ε at the same δ under both accountings. Evaluation scores and the logged training loss are NOT
 privatised: the loss is a statistic of the sampled batch, and the held-out split is
 assumed public (or separately protected).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -56,9 +72,14 @@ from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probabil
 from patchdp.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_params, merge_params
 from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
 
-__all__ = ["Plan", "Seeds", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
+__all__ = ["Plan", "Seeds", "RunDirectoryError", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
 
 OVERLAY_IMAGES = 4
+SECRETS = "secrets.json"
+SECRETS_NOTE = (f"{SECRETS} in the run directory holds the run's secret seeds (which images each step sampled, "
+                "its crops and noise): do not share the run directory; share patchdp.export.export_model's output.")
+NO_AMPLIFICATION = ("p* = 1: every crop covers the whole patch, so cropping gives no amplification and "
+                    "patch-level ε equals image-level ε; use smaller crops, or more padding, to gain from cropping.")
 
 
 # ============================================================================ the plan
@@ -102,7 +123,8 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     over ``devices`` devices; calibrates z when the config gives a target ε.
 
     Raises ValueError when the crop does not fit the image, the batch does not fit the
-    dataset, or the microbatch / device count does not divide the batch.
+    dataset, the microbatch / device count does not divide the batch, or δ ≥ 1/N (a
+    mechanism publishing one random example in the clear satisfies such a δ).
     """
     crop, patch = config.crop_spec, config.patch_shape
     p_star = inclusion_probability(image_shape, crop, patch)
@@ -121,7 +143,10 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
                              "change batch_size or microbatch_size.")
     relation = accounting.PatchLevel(p_star) if config.accounting == "patch" else accounting.ImageLevel()
     steps = config.steps or report.steps_for_epochs(config.epochs, accountant_view)
-    delta = config.delta if config.delta is not None else 1 / n
+    delta = config.delta if config.delta is not None else 0.1 / n
+    if delta >= 1 / n:
+        raise ValueError(f"config: delta {delta:g} is at least 1/N = {1 / n:.3g} for N = {n} training examples, so it "
+                         "would allow publishing one example in the clear; set delta below 1/N (or leave it unset: 0.1/N).")
     z = config.noise_multiplier
     if z is None:
         z = accounting.calibrate_noise(config.target_epsilon, delta, steps, sampling=accountant_view,
@@ -135,7 +160,8 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
 
 
 class Seeds(NamedTuple):
-    """The run's secrets: the batch-sampling seed and the 64-bit base of the JAX keys.
+    """The run's secrets: the batch-sampling seed and the 64-bit base of the JAX keys
+    (kept in the run directory's ``secrets.json``, mode 0600, never in a checkpoint).
 
     Step t uses batch ``sampler.sample(sampling, t)`` and key ``step_keys()(t)``; the
     initial parameters use :meth:`init_key`. Secure seeds come from OS entropy; a fixed
@@ -259,104 +285,131 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     Args:
       config: the run.
       run_dir: output directory; default ``config.run_dir`` or ``runs/<name>-<time>``.
-      resume: continue from the newest checkpoint in ``run_dir`` (start afresh if none).
+      resume: continue from the newest readable checkpoint in ``run_dir`` (start afresh if
+        none); refused when the config differs from the checkpoint in anything but the noise.
       progress: show a progress bar (tqdm; hidden when stderr is not a terminal).
+
+    Raises ValueError before writing anything when the run is refused, and
+    :class:`RunDirectoryError` when the run directory cannot be written.
     """
     started = time.perf_counter()
     train_set, eval_set = load_dataset(config, config.train_split), load_dataset(config, config.eval_split)
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if jax.device_count() > 1 else None
     plan = make_plan(config, len(train_set), train_set.image_shape, devices=jax.device_count())
+    if plan.inclusion_probability >= 1:
+        warnings.warn(NO_AMPLIFICATION, stacklevel=2)
     run_dir = Path(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once the plan holds: a bad config leaves nothing behind
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     model = get_model(config.model, train_set.num_classes, **config.model_options)
     optimizer = make_optimizer(config)
-    step_fn = make_train_step(
-        make_loss(model, train_set.task, config.input_normalization), optimizer,
-        clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
-        expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
-        label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh)
     evaluator = make_evaluator(model, eval_set.num_classes, config.input_normalization)
     ledger = accounting.Ledger(sampling=plan.sampling, relation=plan.relation, delta=plan.delta,
                                budget_epsilon=plan.budget, resolution=config.resolution)
-
-    checkpoints = Checkpointer(run_dir / "checkpoints")
-    if not resume and checkpoints.latest_step() is not None:
-        raise ValueError(f"{run_dir} already holds the checkpoints of a run; resume it (--resume {run_dir}) "
-                         "or choose another run directory.")
+    setting = _privacy_setting(config, plan)
     seeds = Seeds.create(config.seed)
     state = _initial_state(model, optimizer, seeds, plan, config.pretrained)
-    log = _MetricsLog(run_dir / "metrics.jsonl")
     start = 0
-    if resume and checkpoints.latest_step() is not None:
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoints = Checkpointer(checkpoint_dir) if checkpoint_dir.is_dir() else None  # opening creates it
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        if not resume:
+            raise ValueError(f"{run_dir} already holds the checkpoints of a run; resume it (--resume {run_dir}) "
+                             "or choose another run directory.")
         state, meta = checkpoints.restore(state)
-        if meta["sampler"] != _describe(plan.sampler):
-            raise ValueError(f"the checkpoint in {run_dir} was written for sampler {meta['sampler']}, but this "
-                             f"config and dataset give {_describe(plan.sampler)}; did the dataset change?")
-        seeds, ledger, start = Seeds.from_dict(meta["seeds"]), accounting.Ledger.from_dict(meta["ledger"]), meta["step"]
-    log.keep_until(start)
-    if mesh is not None:
-        state = replicate(state, mesh)
+        ledger = _resumable_ledger(meta, setting, ledger, run_dir)
+        seeds, start = _read_secrets(run_dir), meta["step"]
 
-    def checkpoint(step, state):
-        meta = {"step": step, "seeds": seeds.to_dict(), "sampler": _describe(plan.sampler), "ledger": ledger.to_dict()}
-        checkpoints.save(step, state, meta)
+    with _writing(run_dir, ledger):  # the run is accepted: from here on it writes its directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        if start == 0:
+            _write_secrets(run_dir, seeds)
+        checkpoints = checkpoints or Checkpointer(checkpoint_dir)
+        step_fn = make_train_step(
+            make_loss(model, train_set.task, config.input_normalization), optimizer,
+            clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
+            expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
+            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh)
+        log = _MetricsLog(run_dir / "metrics.jsonl")
+        log.keep_until(start)
+        if mesh is not None:
+            state = replicate(state, mesh)
 
-    def load(step):
-        chosen = plan.sampler.sample(seeds.sampling, step)
-        data = train_set.get_batch(chosen.indices)
-        batch = Batch(data["image"], data["label"], chosen.mask)
-        return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
+        def checkpoint(step, state):
+            meta = {"step": step, "setting": setting, "ledger": ledger.to_dict()}
+            checkpoints.save(step, state, meta)
 
-    def run_eval(step, params):
-        scores = evaluate(evaluator, params, eval_set, batch_size=config.eval_batch_size, count=config.eval_examples)
-        log.write("eval", step, **scores)
-        return scores
+        def load(step):
+            chosen = plan.sampler.sample(seeds.sampling, step)
+            data = train_set.get_batch(chosen.indices)
+            batch = Batch(data["image"], data["label"], chosen.mask)
+            return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
 
-    step_key, z = seeds.step_keys(), plan.noise_multiplier
-    stop_reason, postfix = "completed", {}
-    bar = tqdm(total=plan.steps, initial=start, desc=f"DP-SGD z={z:.3g}", unit="step", dynamic_ncols=True,
-               disable=None if progress else True)
-    with Prefetcher(load, range(start, plan.steps)) as batches:
-        for t in range(start, plan.steps):
-            if plan.budget is not None and not ledger.can_step(z):
-                stop_reason = "budget"
-                break
-            try:
-                batch = next(batches)
-            except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
-                stop_reason = "poisson overflow"
-                tqdm.write(f"patchdp: {error}")
-                break
-            state, step_metrics = step_fn(state, batch, step_key(t))
-            ledger.step(z)
-            done = t + 1
-            if done % config.log_every == 0 or done == plan.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                log.write("train", done, **values)
-                postfix["loss"] = f"{values['loss']:.3f}"
-            if done % config.epsilon_every == 0:
-                log.write("epsilon", done, epsilon=ledger.epsilon())
-                postfix["ε"] = f"{ledger.epsilon():.3g}"
-            if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
-                run_eval(done, state.params)
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
-                checkpoint(done, state)
-            bar.set_postfix(postfix, refresh=False)
-            bar.update()
-    bar.close()
+        def run_eval(step, params):
+            scores = evaluate(evaluator, params, eval_set, batch_size=config.eval_batch_size, count=config.eval_examples)
+            log.write("eval", step, **scores)
+            return scores
 
-    steps_taken = ledger.steps
-    if steps_taken % config.epsilon_every:
-        log.write("epsilon", steps_taken, epsilon=ledger.epsilon())
-    checkpoint(steps_taken, state)
-    checkpoints.close()
-    scores = run_eval(steps_taken, state.params)
-    result = final_report(config, plan, steps_taken=steps_taken, stop_reason=stop_reason, scores=scores,
-                          secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
-    result["run_dir"] = str(run_dir)
-    _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config)
-    return result
+        step_key, z = seeds.step_keys(), plan.noise_multiplier
+        stop_reason, postfix = "completed", {}
+        bar = tqdm(total=plan.steps, initial=start, desc=f"DP-SGD z={z:.3g}", unit="step", dynamic_ncols=True,
+                   disable=None if progress else True)
+        with Prefetcher(load, range(start, plan.steps)) as batches:
+            for t in range(start, plan.steps):
+                if plan.budget is not None and not ledger.can_step(z):
+                    stop_reason = "budget"
+                    break
+                try:
+                    batch = next(batches)
+                except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
+                    stop_reason = "poisson overflow"
+                    tqdm.write(f"patchdp: {error}")
+                    break
+                state, step_metrics = step_fn(state, batch, step_key(t))
+                ledger.step(z)
+                done = t + 1
+                if done % config.log_every == 0 or done == plan.steps:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    log.write("train", done, **values)
+                    postfix["loss"] = f"{values['loss']:.3f}"
+                if done % config.epsilon_every == 0:
+                    log.write("epsilon", done, epsilon=ledger.epsilon())
+                    postfix["ε"] = f"{ledger.epsilon():.3g}"
+                if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
+                    run_eval(done, state.params)
+                if config.checkpoint_every and done % config.checkpoint_every == 0:
+                    checkpoint(done, state)
+                bar.set_postfix(postfix, refresh=False)
+                bar.update()
+        bar.close()
+
+        steps_taken = ledger.steps
+        if steps_taken % config.epsilon_every:
+            log.write("epsilon", steps_taken, epsilon=ledger.epsilon())
+        checkpoint(steps_taken, state)
+        checkpoints.close()
+        scores = run_eval(steps_taken, state.params)
+        result = final_report(config, plan, ledger, stop_reason=stop_reason, scores=scores,
+                              secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
+        result["run_dir"] = str(run_dir)
+        _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config)
+        return result
+
+
+class RunDirectoryError(OSError):
+    """The run directory could not be written (read-only, full disk, removed): one line
+    naming the path; the run continues from its last checkpoint with ``--resume``."""
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, ledger: accounting.Ledger):
+    """Turns a failed write into one :class:`RunDirectoryError` line saying how to continue."""
+    try:
+        yield
+    except OSError as error:
+        where = error.filename or run_dir
+        raise RunDirectoryError(f"cannot write {where} ({error.strerror or error}); training stopped at step "
+                                f"{ledger.steps}. Make {run_dir} writable and continue with "
+                                f"`patchdp train --resume {run_dir}`.") from None
 
 
 def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str | None) -> TrainState:
@@ -369,6 +422,63 @@ def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str |
 
 def _describe(sampler) -> dict:
     return {"type": type(sampler).__name__, **dataclasses.asdict(sampler)}
+
+
+# Config keys the steps already taken were accounted (or cropped and clipped) under.
+PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_per_example", "patch",
+                "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution")
+
+
+def _privacy_setting(config: Config, plan: Plan) -> dict:
+    """What the guarantee of the steps taken rests on, besides the ledger and the noise:
+    the config's crop, patch, sampling, clip norm, accounting, δ and budget, and the
+    sampler (with the dataset size). Saved in every checkpoint; a resumed run must match it."""
+    setting = {key: config.to_dict()[key] for key in PRIVACY_KEYS}
+    setting.update(sampler=_describe(plan.sampler), delta=plan.delta)
+    return json.loads(json.dumps(setting))  # as a checkpoint gives it back: lists, not tuples
+
+
+def _resumable_ledger(meta: dict, setting: dict, ledger: accounting.Ledger, run_dir: Path) -> accounting.Ledger:
+    """The ledger of a checkpoint that a run with ``setting`` and a fresh ``ledger`` may
+    continue; ValueError in one line when the config changed what the ledger cannot
+    represent (anything but the noise multiplier, whose runs the ledger composes: the
+    sampling, relation, δ, budget) or when the checkpoint contradicts itself."""
+    without_runs = lambda state: {key: value for key, value in state.items() if key != "runs"}
+    saved = _flat({**meta.get("setting", {}), "ledger": without_runs(meta["ledger"])})
+    now = _flat(json.loads(json.dumps({**setting, "ledger": without_runs(ledger.to_dict())})))
+    changed = [f"{key} {saved.get(key)!r} → {value!r}" for key, value in now.items() if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"cannot resume {run_dir}: the config differs from its checkpoint in {'; '.join(changed)}. "
+                         "Steps already taken cannot be re-accounted: restore the run's config.json, or start a new run.")
+    ledger = accounting.Ledger.from_dict(meta["ledger"])
+    if ledger.steps != meta["step"]:
+        raise ValueError(f"cannot resume {run_dir}: its checkpoint is at step {meta['step']} but its ledger records "
+                         f"{ledger.steps} steps, so the privacy spent is unknown; start a new run.")
+    return ledger
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def _write_secrets(run_dir: Path, seeds: Seeds) -> None:
+    """``run_dir/secrets.json``, readable by its owner only (mode 0600)."""
+    path = run_dir / SECRETS
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # also when the file was already there
+    with os.fdopen(descriptor, "w") as f:
+        json.dump(seeds.to_dict(), f)
+
+
+def _read_secrets(run_dir: Path) -> Seeds:
+    path = run_dir / SECRETS
+    if not path.is_file():
+        raise ValueError(f"cannot resume {run_dir}: {path} is missing, and the run's seeds with it; start a new run.")
+    return Seeds.from_dict(json.loads(path.read_text()))
 
 
 class _MetricsLog:
@@ -389,64 +499,146 @@ class _MetricsLog:
 
     def write(self, kind: str, step: int, **values) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            f.write(json.dumps(_strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
 
 
 # ============================================================================ report
 
 
-def final_report(config: Config, plan: Plan, *, steps_taken: int, stop_reason: str, scores: dict,
+def final_report(config: Config, plan: Plan, ledger: accounting.Ledger, *, stop_reason: str, scores: dict,
                  secure: bool, seconds: float) -> dict:
     """The run's report: what was trained, how far, the scores, and the privacy guarantee
-    — ε at δ under patch-level and image-level accounting for the noise and steps used
-    (``report.privacy_report``), and the noise each accounting would need for the
-    patch-level ε (``report.noise_report``). With Poisson sampling the guarantee holds at
-    δ + ``delta_overflow`` (T times the per-step overflow probability)."""
-    setting = dict(image_shape=plan.image_shape, crop=plan.crop, patch=plan.patch, sampling=plan.sampling,
-                   delta=plan.delta, resolution=config.resolution)
+    of the steps the ledger records, each at the noise multiplier it was taken with: ε at
+    δ under patch-level and image-level accounting (:func:`ledger_privacy`), and the
+    constant noise each accounting would need over as many steps for the patch-level ε.
+    With Poisson sampling the guarantee holds at δ + ``delta_overflow`` (T times the
+    per-step overflow probability).
+
+    Strict JSON: a value that does not exist (a ratio to ε = 0, a noise multiplier no
+    search reaches, a non-finite ε) is None, with ``<key>_reason`` saying why.
+    """
     privacy = same_epsilon = None
-    if steps_taken:
-        privacy = report.privacy_report(noise_multiplier=plan.noise_multiplier, steps=steps_taken, **setting)
-        same_epsilon = report.noise_report(target_epsilon=privacy["epsilon_patch"], steps=steps_taken, **setting)
+    if ledger.steps:
+        privacy = ledger_privacy(ledger, plan)
+        same_epsilon = _noise_needed(privacy["epsilon_patch"], ledger.steps, plan, ledger.resolution)
         if isinstance(plan.sampler, sampling.PoissonSampler):  # stopping on overflow costs δ (patchdp.sampling)
-            privacy["delta_overflow"] = steps_taken * plan.sampler.overflow_probability
-    return {
+            privacy["delta_overflow"] = ledger.steps * plan.sampler.overflow_probability
+    return _strict({
         "config": config.to_dict(),
         "model": config.model, "dataset": config.dataset,
         "accounting": config.accounting,
-        "steps_planned": plan.steps, "steps": steps_taken, "stop_reason": stop_reason,
+        "steps_planned": plan.steps, "steps": ledger.steps, "stop_reason": stop_reason,
         "budget_epsilon": plan.budget,
         "noise_calibrated": config.noise_multiplier is None,
         "seed": "secure (OS entropy)" if secure else f"fixed ({config.seed}): reproducible, NOT secure",
         "secure": secure,
+        "secrets": SECRETS_NOTE,
+        "warnings": [NO_AMPLIFICATION] if plan.inclusion_probability >= 1 else [],
         "scores": scores,
         "privacy": privacy,
         "same_epsilon": same_epsilon,
         "seconds": seconds,
-    }
+    })
+
+
+def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
+    """ε at the ledger's δ for the steps it records, in runs of (z, count), under
+    patch-level and image-level accounting: the run's own accounting is the ledger's ε,
+    the other replays the same runs in a ledger of its own.
+
+    Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
+    noise_runs ([[z, count], ...]), noise_multiplier (z, or None when it changed), steps,
+    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch).
+    """
+    runs = ledger.to_dict()["runs"]
+
+    def epsilon_under(relation: accounting.Relation) -> float:
+        if relation == ledger.relation:
+            return ledger.epsilon()
+        replay = accounting.Ledger(sampling=ledger.sampling, relation=relation, delta=ledger.delta,
+                                   resolution=ledger.resolution)
+        for z, count in runs:
+            replay.step(z, count)
+        return replay.epsilon()
+
+    p_star = plan.inclusion_probability
+    privacy = {"inclusion_probability": p_star, "sampling_rate": plan.sampling_rate,
+               "effective_sampling_rate": plan.sampling_rate * p_star,
+               "noise_runs": runs, "noise_multiplier": runs[0][0] if len(runs) == 1 else None,
+               "steps": ledger.steps, "delta": ledger.delta,
+               "epsilon_patch": epsilon_under(accounting.PatchLevel(p_star)),
+               "epsilon_image": epsilon_under(accounting.ImageLevel())}
+    if len(runs) > 1:
+        privacy["noise_multiplier_reason"] = "the noise multiplier changed during the run: see noise_runs"
+    _ratio(privacy, "epsilon_ratio", "epsilon_image", "epsilon_patch")
+    return privacy
+
+
+def _noise_needed(target: float, steps: int, plan: Plan, resolution: float) -> dict:
+    """The constant noise multiplier that patch-level and image-level accounting need
+    for (``target`` ε, δ) in ``steps`` steps; None with a reason where none exists."""
+    needed = {"target_epsilon": target, "steps": steps, "delta": plan.delta}
+    relations = {"patch": accounting.PatchLevel(plan.inclusion_probability), "image": accounting.ImageLevel()}
+    for name, relation in relations.items():
+        key = f"noise_multiplier_{name}"
+        try:
+            needed[key] = accounting.calibrate_noise(target, plan.delta, steps, sampling=plan.sampling,
+                                                     relation=relation, resolution=resolution)
+        except ValueError as error:
+            needed[key], needed[f"{key}_reason"] = None, f"no noise multiplier reaches ε = {target:g}: {error}"
+    _ratio(needed, "noise_ratio", "noise_multiplier_image", "noise_multiplier_patch")
+    return needed
+
+
+def _ratio(section: dict, key: str, numerator: str, denominator: str) -> None:
+    """section[key] = section[numerator] / section[denominator], or None with a reason."""
+    top, bottom = section[numerator], section[denominator]
+    if top is not None and bottom is not None and math.isfinite(top) and math.isfinite(bottom) and bottom > 0:
+        section[key] = top / bottom
+    else:
+        section[key], section[f"{key}_reason"] = None, f"{numerator} / {denominator} is undefined for {top} / {bottom}"
+
+
+def _strict(value):
+    """``value`` with every non-finite float replaced by None and, in a dict,
+    ``<key>_reason`` beside it, so that ``json.dumps(value, allow_nan=False)`` accepts it."""
+    if isinstance(value, dict):
+        strict = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                strict[key], strict[f"{key}_reason"] = None, f"{item} (not a finite number)"
+            else:
+                strict[key] = _strict(item)
+        return strict
+    if isinstance(value, list):
+        return [None if isinstance(item, float) and not math.isfinite(item) else _strict(item) for item in value]
+    return value
 
 
 def markdown(result: dict) -> str:
-    """The report as a Markdown page."""
+    """The report as a Markdown page; a value that does not exist shows its reason."""
     p, same = result["privacy"], result["same_epsilon"]
     c = result["config"]
     lines = [f"# patchdp run: {c['name']}", "",
              f"{c['model']} on {c['dataset']}, {result['steps']} of {result['steps_planned']} planned steps "
              f"({result['stop_reason']}), {result['seconds']:.0f} s. Seed: {result['seed']}.", "",
+             *(f"**Warning:** {warning}" for warning in result["warnings"]),
+             f"**Secrets:** {result['secrets']}", "",
              "| score | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["scores"].items()]
     if p is not None:
         how = (f"calibrated by {result['accounting']}-level accounting for ε = {result['budget_epsilon']:g}"
                if result["noise_calibrated"] else "given")
-        lines += ["", f"## Privacy (δ = {p['delta']:.3g}, noise multiplier z = {p['noise_multiplier']:.4g}, {how})", "",
+        lines += ["", f"## Privacy (δ = {p['delta']:.3g}, noise multiplier z = {report.noise_runs_text(p)}, {how})", "",
                   "| quantity | value |", "|---|---|",
                   f"| p* (a crop hits the patch) | {p['inclusion_probability']:.6g} |",
                   f"| q (sampling rate) | {p['sampling_rate']:.6g} |",
                   f"| w = q·p* (effective sampling rate) | {p['effective_sampling_rate']:.6g} |",
-                  f"| ε patch-level | {p['epsilon_patch']:.4f} |",
-                  f"| ε image-level (same noise) | {p['epsilon_image']:.4f} |",
-                  f"| noise z image-level DP needs for ε = {p['epsilon_patch']:.4g} | "
-                  f"{same['noise_multiplier_image']:.4f} ({same['noise_ratio']:.2f}x) |"]
+                  f"| ε patch-level | {report.shown(p, 'epsilon_patch', '.4f')} |",
+                  f"| ε image-level (same noise) | {report.shown(p, 'epsilon_image', '.4f')} |",
+                  f"| noise z image-level DP needs for ε = {report.shown(p, 'epsilon_patch', '.4g')} | "
+                  f"{report.shown(same, 'noise_multiplier_image', '.4f')} "
+                  f"({report.shown(same, 'noise_ratio', '.2f')}x) |"]
         if "delta_overflow" in p:
             lines.append(f"| δ added by stopping on Poisson overflow | {p['delta_overflow']:.3g} |")
     else:
@@ -456,7 +648,7 @@ def markdown(result: dict) -> str:
 
 def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict], evaluator, params,
                    eval_set: Dataset, config: Config) -> None:
-    (run_dir / "report.json").write_text(json.dumps(result, indent=1))
+    (run_dir / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     (run_dir / "report.md").write_text(markdown(result))
     plots.training_curves(records, run_dir / "curves.png", title=f"{config.name}: {config.model} on {config.dataset}")
     shown = eval_set.get_batch(np.minimum(np.arange(config.eval_batch_size), len(eval_set) - 1))  # eval's shape

@@ -1,5 +1,8 @@
 """Checkpoints: an exact round trip of the train state and its meta, pruning, and
-atomicity — a half-written step is never listed nor restored."""
+atomicity — a half-written step is never listed nor restored — and a damaged newest
+step is skipped with a warning."""
+
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +78,42 @@ def test_a_half_written_step_is_neither_listed_nor_restored(tmp_path):
 def test_restoring_nothing_is_an_error(tmp_path):
     with Checkpointer(tmp_path) as checkpoints, pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.restore(state())
+
+
+def damage(folder, how):
+    """What a full disk, a crash of the file system or a careless `rm` leaves behind."""
+    if how == "truncated meta":
+        path = folder / "meta" / "metadata"
+        path.write_bytes(path.read_bytes()[:3])
+    elif how == "missing state":
+        shutil.rmtree(folder / "state")
+    else:  # zero-byte files
+        for path in folder.rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncated meta", "missing state", "zero-byte files"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
+    with Checkpointer(tmp_path) as checkpoints:
+        for step in (2, 4):
+            checkpoints.save(step, state(step), {"step": step})
+    damage(tmp_path / "4", how)
+    with Checkpointer(tmp_path) as checkpoints:
+        with pytest.warns(UserWarning, match=f"checkpoint {tmp_path / '4'} is damaged.*falling back") as caught:
+            restored, meta = checkpoints.restore(state())
+        assert meta == {"step": 2} and len(caught) == 1 and "\n" not in str(caught[0].message)
+        assert_equal(restored, state(2))
+        checkpoints.save(4, state(5), {"step": 4})  # resumed training reaches step 4 again: replaces it
+        restored, meta = checkpoints.restore(state())
+    assert meta == {"step": 4}
+    assert_equal(restored, state(5))
+
+
+def test_no_readable_checkpoint_is_one_line_naming_it(tmp_path):
+    with Checkpointer(tmp_path) as checkpoints:
+        checkpoints.save(2, state(2), {"step": 2})
+    damage(tmp_path / "2", "zero-byte files")
+    with Checkpointer(tmp_path) as checkpoints, pytest.raises(ValueError) as error:
+        checkpoints.restore(state())
+    assert str(error.value) == f"checkpoint {tmp_path / '2'} is damaged (JSONDecodeError) and no older checkpoint reads; it cannot be restored."

@@ -200,9 +200,11 @@ def test_seeds():
 def test_plan_defaults_and_errors(tiny):
     config = Config.from_toml(tiny, {"delta": None, "noise_multiplier": None, "target_epsilon": 3.0})
     plan = make_plan(config, 32, (16, 16, 3))
-    assert plan.delta == 1 / 32 and plan.budget == 3.0
-    assert accounting.epsilon(plan.noise_multiplier, 12, 1 / 32, sampling=plan.sampling, relation=plan.relation,
+    assert plan.delta == 0.1 / 32 and plan.budget == 3.0
+    assert accounting.epsilon(plan.noise_multiplier, 12, 0.1 / 32, sampling=plan.sampling, relation=plan.relation,
                               resolution=1e-3) <= 3.0
+    with pytest.raises(ValueError, match="delta 0.5 is at least 1/N = 0.0312 for N = 32 training examples"):
+        make_plan(config.replace(delta=0.5), 32, (16, 16, 3))
     with pytest.raises(ValueError, match="microbatch_size \\(3\\) must divide the batch of 8"):
         make_plan(config.replace(microbatch_size=3), 32, (16, 16, 3))
     with pytest.raises(ValueError, match="batch_size 8 exceeds the 4 training examples"):
@@ -231,3 +233,158 @@ def test_train_errors_are_one_line(capsys, tmp_path, monkeypatch, tiny, args, me
     import re
     assert re.search(message, err), err
     assert not (tmp_path / "runs").exists(), "a failed run leaves no run directory behind"
+
+
+# ---------------------------------------------------------------- a finished run: what resume, report and export promise
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny):
+    """A finished secure run (OS-entropy seeds) of 4 steps at z = 1, checkpoints at steps 2 and 4."""
+    config = Config.from_toml(tiny, {"seed": None, "steps": 4, "checkpoint_every": 2})
+    run_dir = tmp_path_factory.mktemp("finished")
+    return config, run_dir, train(config, run_dir=run_dir, progress=False)
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def test_a_refused_command_leaves_the_run_directory_as_it_was(finished, tiny, capsys):
+    config, run_dir, _ = finished
+    before = snapshot(run_dir)
+    assert main(["train", "--config", str(tiny), "--noise-multiplier", "3", "--run-dir", str(run_dir)]) == 2
+    assert "already holds the checkpoints of a run" in capsys.readouterr().err
+    for change, differs in [({"clip_norm": 2.0}, "clip_norm 1.0 → 2.0"), ({"crop": 6}, "crop [[8, 8]] → [[6, 6]]"),
+                            ({"patch": "rect:2x2"}, "patch 'rect:3x3' → 'rect:2x2'"), ({"delta": 1e-6}, "delta 1e-05"),
+                            ({"accounting": "image"}, "accounting 'patch' → 'image'"),
+                            ({"sampling": "poisson"}, "sampling 'fixed' → 'poisson'"),
+                            ({"target_epsilon": 50.0}, "target_epsilon None → 50.0"),
+                            ({"dataset_options": {"num_examples": 40, "image_size": 16}},
+                             "sampler.dataset_size 32 → 40")]:
+        with pytest.raises(ValueError, match=f"cannot resume {run_dir}: the config differs from its checkpoint in") as error:
+            train(config.replace(**change), run_dir=run_dir, resume=True, progress=False)
+        assert differs in str(error.value) and "\n" not in str(error.value)
+    assert snapshot(run_dir) == before
+
+
+def test_resume_refuses_a_checkpoint_whose_ledger_disagrees_with_its_step(finished, tmp_path):
+    config, run_dir, _ = finished
+    run_dir = copy_run(run_dir, tmp_path)
+    with Checkpointer(run_dir / "checkpoints") as checkpoints:
+        state, meta = checkpoints.restore()
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints" / "4")
+    meta["ledger"]["runs"] = [[1.0, 1]]  # "1 of 4 steps"
+    with Checkpointer(run_dir / "checkpoints") as checkpoints:
+        checkpoints.save(4, state, meta)
+    with pytest.raises(ValueError, match="checkpoint is at step 4 but its ledger records 1 steps"):
+        train(config, run_dir=run_dir, resume=True, progress=False)
+
+
+def test_every_epsilon_of_a_resumed_run_is_its_ledgers(finished, tmp_path):
+    """Resumed at z = 3 (config.json edited by hand): 4 steps at z = 1 and 4 at z = 3 are
+    composed, in the report, the CLI table, metrics.jsonl and the image-level comparison."""
+    config, run_dir, _ = finished
+    run_dir = copy_run(run_dir, tmp_path)
+    result = train(config.replace(noise_multiplier=3.0, steps=8), run_dir=run_dir, resume=True, progress=False)
+    plan = make_plan(config, 32, (16, 16, 3))
+    truth = {}
+    for name, relation in (("patch", plan.relation), ("image", accounting.ImageLevel())):
+        ledger = accounting.Ledger(sampling=plan.sampling, relation=relation, delta=1e-5, resolution=1e-3)
+        ledger.step(1.0, 4)
+        ledger.step(3.0, 4)
+        truth[name] = ledger.epsilon()
+    privacy = json.loads((run_dir / "report.json").read_text())["privacy"]
+    assert privacy["noise_runs"] == [[1.0, 4], [3.0, 4]] and privacy["noise_multiplier"] is None
+    assert privacy["epsilon_patch"] == pytest.approx(truth["patch"], rel=1e-12)
+    assert privacy["epsilon_image"] == pytest.approx(truth["image"], rel=1e-12)
+    only_z3 = accounting.epsilon(3.0, 8, 1e-5, sampling=plan.sampling, relation=plan.relation, resolution=1e-3)
+    assert truth["patch"] > 1.5 * only_z3  # what the report said before: the config's z times the steps
+    epsilons = [r["epsilon"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "epsilon"]
+    assert epsilons[-1] == pytest.approx(truth["patch"], rel=1e-12)
+    from patchdp.cli import _run_table
+    table = _run_table(result)
+    assert f"{truth['patch']:.3f}" in table and "1 (4 steps), then 3 (4 steps)" in table
+
+
+def test_a_run_without_amplification_or_noise_to_find_still_writes_its_report(tiny, tmp_path):
+    """p* = 1 (the crop covers the image) and z = 1e5: ε = 0 and no noise level to
+    calibrate; the run warns, and writes a strict JSON report with the reasons."""
+    config = Config.from_toml(tiny, {"crop": 16, "padding": 0, "noise_multiplier": 1e5, "steps": 2})
+    with pytest.warns(UserWarning, match="p\\* = 1: every crop covers the whole patch"):
+        result = train(config, run_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert saved["warnings"] and saved["privacy"]["epsilon_patch"] == 0.0
+    assert saved["privacy"]["epsilon_ratio"] is None and "undefined" in saved["privacy"]["epsilon_ratio_reason"]
+    assert saved["same_epsilon"]["noise_multiplier_image"] is None
+    assert "no noise multiplier reaches ε = 0" in saved["same_epsilon"]["noise_multiplier_image_reason"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**Warning:** p* = 1" in markdown and "n/a (no noise multiplier reaches" in markdown
+    assert (tmp_path / "curves.png").exists() and result["steps"] == 2
+
+
+def test_secrets_live_in_their_own_private_file(finished):
+    _, run_dir, result = finished
+    path = run_dir / "secrets.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    secrets = json.loads(path.read_text())
+    values = [secrets["sampling"], *map(str, secrets["key"])]
+    assert all(len(v) >= 6 for v in values)  # OS entropy: long numbers that cannot appear by chance
+    for file in (run_dir / "checkpoints").rglob("*"):
+        if file.is_file():
+            assert not any(v.encode() in file.read_bytes() for v in values), file
+    assert "secrets.json" in result["secrets"] and "secrets.json" in (run_dir / "report.md").read_text()
+
+
+def test_a_run_whose_directory_turns_read_only_ends_with_one_line(tiny, tmp_path, monkeypatch, capfd):
+    """The checkpoint folder becomes immutable (chattr +i, as root) after the first save."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode:
+        pytest.skip("chattr +i needs root")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    from patchdp import trainer
+    save = trainer.Checkpointer.save
+
+    def save_then_lock(self, step, state, meta):
+        save(self, step, state, meta)
+        subprocess.run(["chattr", "+i", str(self.directory)], check=True)
+
+    monkeypatch.setattr(trainer.Checkpointer, "save", save_then_lock)
+    run_dir = tmp_path / "run"
+    try:
+        with pytest.raises(trainer.RunDirectoryError) as error:
+            train(Config.from_toml(tiny, {"steps": 8}), run_dir=run_dir, progress=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(run_dir / "checkpoints")], check=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot write {run_dir / 'checkpoints'}")
+    assert f"patchdp train --resume {run_dir}" in message
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_export_has_no_secret_and_rebuilds_the_model(finished, tmp_path):
+    from patchdp.export import export_model, load_model, predict
+    _, run_dir, result = finished
+    out = export_model(run_dir, tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "params.npz"]
+    secrets = json.loads((run_dir / "secrets.json").read_text())
+    for file in out.iterdir():
+        assert not any(str(v).encode() in file.read_bytes() for v in (secrets["sampling"], *secrets["key"])), file
+    model, params, info = load_model(out)
+    assert info["class_names"] and info["privacy"]["epsilon_patch"] == result["privacy"]["epsilon_patch"]
+    with np.load(out / "params.npz") as saved:
+        assert not any("opt_state" in key or key.startswith(("mu", "nu")) for key in saved.files)
+    _, trained = final_params(run_dir)
+    images = SyntheticScenes("validation", num_examples=4, image_size=16).get_batch(np.arange(4))["image"]
+    expected = predict(model, trained, images, "unit")
+    np.testing.assert_array_equal(predict(model, params, images, info["input_normalization"]), expected)
+    assert expected.shape == (4, 16, 16)
