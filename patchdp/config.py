@@ -74,7 +74,7 @@ class Config:
       batch_size: B (fixed-size sampling, q = B/N) or the expected batch (Poisson, q = B/N).
       sampling: ``"fixed"`` or ``"poisson"``; clip_norm: C.
       noise_multiplier, target_epsilon, accounting: see the module docstring.
-      delta: δ, below 1/N (the trainer refuses more); default 0.1/N.
+      delta: δ, at most 1/N (the trainer refuses more); default 0.1/N.
       epochs, steps: the planned length; ``steps`` overrides ``epochs`` (steps = ⌈epochs / q⌉).
       microbatch_size: examples per physical microbatch (must divide the padded batch).
       resolution: privacy-loss grid spacing of the accountant (nats).

@@ -123,8 +123,8 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     over ``devices`` devices; calibrates z when the config gives a target ε.
 
     Raises ValueError when the crop does not fit the image, the batch does not fit the
-    dataset, the microbatch / device count does not divide the batch, or δ ≥ 1/N (a
-    mechanism publishing one random example in the clear satisfies such a δ).
+    dataset, the microbatch / device count does not divide the batch, or δ > 1/N (a
+    mechanism publishing a random example in the clear satisfies δ = 1/N).
     """
     crop, patch = config.crop_spec, config.patch_shape
     p_star = inclusion_probability(image_shape, crop, patch)
@@ -144,9 +144,10 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     relation = accounting.PatchLevel(p_star) if config.accounting == "patch" else accounting.ImageLevel()
     steps = config.steps or report.steps_for_epochs(config.epochs, accountant_view)
     delta = config.delta if config.delta is not None else 0.1 / n
-    if delta >= 1 / n:
-        raise ValueError(f"config: delta {delta:g} is at least 1/N = {1 / n:.3g} for N = {n} training examples, so it "
-                         "would allow publishing one example in the clear; set delta below 1/N (or leave it unset: 0.1/N).")
+    if delta > 1 / n:
+        raise ValueError(f"config: delta {delta:g} exceeds 1/N = {1 / n:.3g} for N = {n} training examples, so it "
+                         "would allow publishing examples in the clear; set delta to at most 1/N (the paper's "
+                         "choice), better well below it (unset: 0.1/N).")
     z = config.noise_multiplier
     if z is None:
         z = accounting.calibrate_noise(config.target_epsilon, delta, steps, sampling=accountant_view,

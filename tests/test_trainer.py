@@ -203,7 +203,7 @@ def test_plan_defaults_and_errors(tiny):
     assert plan.delta == 0.1 / 32 and plan.budget == 3.0
     assert accounting.epsilon(plan.noise_multiplier, 12, 0.1 / 32, sampling=plan.sampling, relation=plan.relation,
                               resolution=1e-3) <= 3.0
-    with pytest.raises(ValueError, match="delta 0.5 is at least 1/N = 0.0312 for N = 32 training examples"):
+    with pytest.raises(ValueError, match="delta 0.5 exceeds 1/N = 0.0312 for N = 32 training examples"):
         make_plan(config.replace(delta=0.5), 32, (16, 16, 3))
     with pytest.raises(ValueError, match="microbatch_size \\(3\\) must divide the batch of 8"):
         make_plan(config.replace(microbatch_size=3), 32, (16, 16, 3))
