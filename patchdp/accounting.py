@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import NamedTuple, Sequence, Union
 
 import numpy as np
@@ -59,6 +60,8 @@ DEFAULT_RESOLUTION = 1e-4
 _LOG_TAIL = -50.0          # per-step Gaussian tail mass (log) beyond the grid → ε = +∞
 _TAIL_MASS = 1e-15         # mass dropped (→ +∞, pessimistically) per composition
 _MAX_HALF_GRID = 2 ** 21   # grid points per side; losses beyond go to +∞ (pessimistic)
+_MAX_LOSS = 700.0          # largest grid loss (nats): e^ε overflows float64 near 709.8
+_MIN_NOISE, _MAX_NOISE = 1e-100, 1e100  # noise multipliers whose μ = 2/z squares within float64
 
 
 # =========================================================================== sampling
@@ -180,8 +183,19 @@ class AddRemove:
 Relation = Union[PatchLevel, ImageLevel, GaussianAugmentation, AddRemove]
 
 
+def _check_setting(sampling, relation) -> None:
+    """TypeError unless ``sampling`` and ``relation`` are the objects this module defines."""
+    if not isinstance(sampling, (FixedSizeSampling, PoissonSampling)):
+        raise TypeError(f"sampling must be FixedSizeSampling(batch_size, dataset_size) or "
+                        f"PoissonSampling(rate, dataset_size), got {sampling!r}.")
+    if not isinstance(relation, (PatchLevel, ImageLevel, GaussianAugmentation, AddRemove)):
+        raise TypeError(f"relation must be PatchLevel(inclusion_probability), ImageLevel(), AddRemove() "
+                        f"or GaussianAugmentation(...), got {relation!r}.")
+
+
 def effective_sampling_rate(sampling: Sampling, relation: Relation) -> float:
     """w: the probability that a step's gradient depends on the protected content."""
+    _check_setting(sampling, relation)
     if isinstance(relation, AddRemove) and not isinstance(sampling, PoissonSampling):
         raise ValueError("the add/remove relation is accounted for Poisson sampling only; "
                          "use PoissonSampling, or ImageLevel() for fixed-size batches.")
@@ -256,7 +270,7 @@ def _switching_pld(rate: float, mu: float, step: float) -> _PLD:
     remaining mass. (Building the negative half from δ values instead would difference
     numbers near 1 − e^ε and spray ~1e-12 of phantom mass on every grid point.)
     """
-    half = min(int(math.ceil(_loss_range(rate, mu) / step)) + 1, _MAX_HALF_GRID)
+    half = min(int(math.ceil(min(_loss_range(rate, mu), _MAX_LOSS) / step)) + 1, _MAX_HALF_GRID)
     deltas = _hockey_stick(np.arange(half + 1) * step, rate, mu)
     positive = _from_dp_accounting(pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(step, 0, half, deltas))
     masses = np.zeros(half + 1)
@@ -544,16 +558,16 @@ def _epsilon_of_masses(pld: _PLD, target_delta: float) -> float:
 
 
 def _kind(relation: Relation) -> str:
-    if isinstance(relation, AddRemove):
-        return "add_remove"
-    if isinstance(relation, (PatchLevel, ImageLevel, GaussianAugmentation)):
-        return "substitution"
-    raise ValueError(f"unknown relation {relation!r}; use PatchLevel, ImageLevel or AddRemove.")
+    return "add_remove" if isinstance(relation, AddRemove) else "substitution"
 
 
 def _check_in(name: str, value, low: float, high: float, *, closed_high: bool = False) -> float:
-    """float(value) in (low, high) — or (low, high] — else a ValueError naming it."""
-    value = float(value)
+    """float(value) in (low, high) — or (low, high] — else a ValueError naming it
+    (a TypeError if it is not a number)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}.") from None
     if not (low < value and (value <= high if closed_high else value < high)):
         interval = f"({low:g}, {high:g}{']' if closed_high else ')'}"
         raise ValueError(f"{name} must be in {interval}, got {value}.")
@@ -561,11 +575,23 @@ def _check_in(name: str, value, low: float, high: float, *, closed_high: bool = 
 
 
 def _check_noise(value) -> float:
-    return _check_in("noise_multiplier z (noise std / clip norm)", value, 0, math.inf)
+    """z > 0, within [_MIN_NOISE, _MAX_NOISE], where one step's losses stay in float64 range."""
+    z = _check_in("noise_multiplier z (noise std / clip norm)", value, 0, math.inf)
+    if not _MIN_NOISE <= z <= _MAX_NOISE:
+        raise ValueError(f"noise_multiplier z = {z:g} is outside [{_MIN_NOISE:g}, {_MAX_NOISE:g}], the range "
+                         f"the accountant computes in; such noise gives ε = {'∞' if z < _MIN_NOISE else '0'}.")
+    return z
 
 
-def _check_delta(value) -> float:
-    return _check_in("delta", value, 0, 1)
+def _check_delta(value, sampling: Sampling | None = None) -> float:
+    """δ in (0, 1); warns when it exceeds 1/N for a known dataset size N."""
+    delta = _check_in("delta", value, 0, 1)
+    size = getattr(sampling, "dataset_size", None)
+    if size is not None and delta > 1 / size:
+        warnings.warn(f"delta = {delta:g} exceeds 1/N = 1/{size}: at such a δ, publishing a random example "
+                      f"outright is (0, δ)-DP, so ε means little; use δ < 1/N (e.g. 1e-5 or 1/(10·N)).",
+                      stacklevel=3)
+    return delta
 
 
 def _check_epsilon(value) -> float:
@@ -591,7 +617,7 @@ def epsilon(noise_multiplier: float, steps: int, delta: float, *, sampling: Samp
 
     ``math.inf`` when no ε can be certified: δ is at or below :func:`numerical_floor`,
     where the float64 composition cannot resolve the profile (or the mass at +∞)."""
-    target = _check_delta(delta)
+    target = _check_delta(delta, sampling)
     plds = _composed(noise_multiplier, steps, sampling, relation, resolution)
     return max(_epsilon_of(p, target) for p in plds)
 
@@ -644,9 +670,9 @@ def calibrate_noise(target_epsilon: float, delta: float, steps: int, *, sampling
     requested one; the returned z always satisfies ε(z) ≤ target at ``resolution``.
     """
     target = _check_epsilon(target_epsilon)
-    _check_delta(delta)
-    _check_count("steps", steps)
     effective_sampling_rate(sampling, relation)
+    _check_delta(delta, sampling)
+    _check_count("steps", steps)
 
     def eps_at(z, res):
         return epsilon(z, steps, delta, sampling=sampling, relation=relation, resolution=res)
@@ -745,7 +771,7 @@ class Ledger:
                  budget_epsilon: float | None = None, resolution: float = DEFAULT_RESOLUTION):
         effective_sampling_rate(sampling, relation)
         self.sampling, self.relation = sampling, relation
-        self.delta = _check_delta(delta)
+        self.delta = _check_delta(delta, sampling)
         self.budget_epsilon = None if budget_epsilon is None else _check_epsilon(budget_epsilon)
         self.resolution = _check_resolution(resolution)
         self._runs: list[list] = []   # [noise_multiplier, count], consecutive z merged
@@ -817,12 +843,20 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, state: dict) -> "Ledger":
+        """The ledger that :meth:`to_dict` saved; ValueError naming what is missing or wrong."""
+        keys = ("sampling", "relation", "delta", "budget_epsilon", "resolution", "runs")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise ValueError(f"not a Ledger state (from Ledger.to_dict): missing {', '.join(missing)}.")
         kinds = {c.__name__: c for c in (FixedSizeSampling, PoissonSampling, PatchLevel,
                                          ImageLevel, GaussianAugmentation, AddRemove)}
 
         def build(spec):
             spec = dict(spec)
-            return kinds[spec.pop("type")](**spec)
+            name = spec.pop("type", None)
+            if name not in kinds:
+                raise ValueError(f"Ledger state: unknown type {name!r}; expected one of {', '.join(kinds)}.")
+            return kinds[name](**spec)
 
         ledger = cls(sampling=build(state["sampling"]), relation=build(state["relation"]),
                      delta=state["delta"], budget_epsilon=state["budget_epsilon"],

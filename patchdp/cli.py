@@ -13,10 +13,13 @@ to fix it. ``--json`` prints one JSON object instead of the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from patchdp import accounting, report
@@ -35,6 +38,9 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # no abbreviations: --epsilon must not mean --epsilon-every
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line instead of usage + message
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
@@ -134,31 +140,74 @@ def _describe(setting: dict, args) -> list[tuple[str, str]]:
     ]
 
 
-def _print(result: dict, rows, as_json: bool) -> None:
+def _print(result: dict, rows, as_json: bool, notes: dict | None = None) -> None:
+    """The table, or strict JSON: the values ``notes`` explains (∞, undefined) are null,
+    and ``notes`` says why, by key."""
     if as_json:
-        print(json.dumps(result))
+        if notes:
+            result = {**{k: None if k in notes else v for k, v in result.items()}, "notes": notes}
+        print(json.dumps(result, allow_nan=False))
     else:
         print(_table(rows))
+
+
+def _warn(message: str) -> None:
+    print(f"patchdp: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Shows each distinct warning raised inside (e.g. δ > 1/N) once, as one line."""
+    shown = set()
+
+    def show(message, *_):
+        if str(message) not in shown:
+            shown.add(str(message))
+            _warn(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _warn_if_no_amplification(p_star: float, image, crop: CropSpec) -> None:
+    if p_star >= 1:
+        h, w = image[0] + 2 * crop.padding, image[1] + 2 * crop.padding
+        _warn(f"p* = 1: every crop hits the patch wherever it lies (crops on the {h}x{w} padded image), "
+              "so cropping gives no amplification; use a smaller crop or more padding.")
+
+
+def _epsilon_notes(r: dict) -> dict:
+    """Why ε or the ratio is not a finite number, by key (empty when all are)."""
+    notes = {f"epsilon_{level}": f"∞ (δ = {r['delta']:g} is not reachable: raise the noise or δ, or take fewer steps)"
+             for level in ("patch", "image") if math.isinf(r[f"epsilon_{level}"])}
+    if not math.isfinite(r["epsilon_ratio"]):
+        notes["epsilon_ratio"] = f"n/a: ε patch-level is {'∞' if math.isinf(r['epsilon_patch']) else 0}"
+    return notes
 
 
 def cmd_privacy(args) -> None:
     setting = _setting(args)
     r = report.privacy_report(noise_multiplier=args.noise, **setting)
+    _warn_if_no_amplification(r["inclusion_probability"], setting["image_shape"], setting["crop"])
+    notes = _epsilon_notes(r)
     rows = _describe(setting, args) + [
         ("noise multiplier z", f"{args.noise:g}  (noise std = z · clip norm)"),
         ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
         ("q   (sampling rate)", f"{r['sampling_rate']:.6g}"),
         ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
-        ("ε patch-level", f"{r['epsilon_patch']:.4f}"),
-        ("ε image-level", f"{r['epsilon_image']:.4f}"),
-        ("ratio image / patch", f"{r['epsilon_ratio']:.2f}x"),
+        ("ε patch-level", notes.get("epsilon_patch", f"{r['epsilon_patch']:.4f}")),
+        ("ε image-level", notes.get("epsilon_image", f"{r['epsilon_image']:.4f}")),
+        ("ratio image / patch", notes.get("epsilon_ratio", f"{r['epsilon_ratio']:.2f}x")),
     ]
-    _print(r, rows, args.json)
+    _print(r, rows, args.json, notes)
 
 
 def cmd_calibrate(args) -> None:
     setting = _setting(args)
     r = report.noise_report(target_epsilon=args.epsilon, **setting)
+    _warn_if_no_amplification(r["inclusion_probability"], setting["image_shape"], setting["crop"])
     rows = _describe(setting, args) + [
         ("target ε", f"{args.epsilon:g}"),
         ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
@@ -174,13 +223,17 @@ def cmd_inclusion(args) -> None:
     image = image_hw(_size(args.image_size, "--image-size"))
     crop, patch = _crop_spec(args), parse_patch(args.patch)
     p_star = inclusion_probability(image, crop, patch)
+    _warn_if_no_amplification(p_star, image, crop)
     result = {"inclusion_probability": p_star,
               "inclusion_probability_exact": str(inclusion_probability(image, crop, patch, exact=True))}
     if args.heatmap:
         from patchdp import plots
         p_map = inclusion_map(image, crop, patch)
-        result["heatmap"] = str(plots.inclusion_heatmap(
-            p_map, args.heatmap, title=f"p(t): {patch.name}, crop {args.crop}, padding {crop.padding}; p* = {p_star:.4g}"))
+        title = f"p(t): {patch.name}, crop {args.crop}, padding {crop.padding}; p* = {p_star:.4g}"
+        try:
+            result["heatmap"] = str(plots.inclusion_heatmap(p_map, args.heatmap, title=title))
+        except OSError as error:
+            raise CliError(f"cannot write the heatmap {args.heatmap}: {error.strerror} ({error.filename}).") from None
     rows = [("p*", f"{p_star:.6g}"), ("exact", result["inclusion_probability_exact"])]
     if args.heatmap:
         rows.append(("heatmap", result["heatmap"]))
@@ -218,7 +271,7 @@ def cmd_train(args) -> None:
             raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
         result = train(Config.from_toml(config_path(args.config), overrides))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         print(_run_table(result))
 
@@ -260,7 +313,7 @@ def cmd_demo(args) -> None:
     result = train(config)
     result["wall_seconds"] = time.perf_counter() - started
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
         return
     count = config.eval_examples or "all"
     print(_run_table(result, [("wall time (incl. compilation)", f"{result['wall_seconds']:.0f} s"),
@@ -301,9 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
-    except (CliError, ValueError, OSError) as err:  # OSError: e.g. a run directory that became read-only
+        with _warnings_as_lines():
+            args.run(args)
+    except (CliError, ValueError) as err:
         print(f"patchdp: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that cannot be read or written (or a run directory that became read-only)
+        message = f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
+        print(f"patchdp: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -128,18 +128,19 @@ class Config:
     epsilon_every: int = 100
 
     def __post_init__(self):
-        from patchdp.data import DATASET_NAMES  # imported here: flax and tfds are slow to import
-        from patchdp.models import MODELS, get_model
+        from patchdp.data import DATASET_NAMES, dataset_options  # imported here: flax and tfds are slow
+        from patchdp.models import MODELS, model_options
 
         set_ = lambda name, value: object.__setattr__(self, name, value)
         _choice("model", self.model, sorted(MODELS))
-        set_("model_options", _mapping("model_options", self.model_options))
-        with _about("model_options"):
-            get_model(self.model, 2, **self.model_options)  # rejects unknown options now, not mid-run
+        set_("model_options", _options("model_options", self.model_options, model_options(self.model)))
         _optional(_text, "pretrained", self.pretrained)
         _choice("input_normalization", self.input_normalization, NORMALIZATIONS)
         _choice("dataset", self.dataset, DATASET_NAMES)
-        set_("dataset_options", _mapping("dataset_options", self.dataset_options))
+        accepted = dataset_options(self.dataset)
+        if self.dataset == "folder":
+            accepted["class_list"] = None  # read by patchdp.trainer.load_dataset
+        set_("dataset_options", _options("dataset_options", self.dataset_options, accepted))
         _text("train_split", self.train_split)
         _text("eval_split", self.eval_split)
 
@@ -227,9 +228,13 @@ class Config:
         defaults to the file's stem."""
         path = Path(path)
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"config file {path} does not exist.") from None
+        except OSError as error:
+            raise ValueError(f"cannot read config file {path}: {error.strerror or error}.") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not a text (UTF-8 TOML) file.") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"config file {path} is not valid TOML: {error}.") from None
         return cls.from_dict({"name": path.stem, **values, **(overrides or {})})
@@ -278,7 +283,11 @@ def parse_patch(text: str) -> Patch:
         path = Path(text)
         if not path.exists():
             raise ValueError(f"patch mask file {text} does not exist.")
-        return Patch.from_mask(np.load(path), name=path.stem)
+        try:
+            return Patch.from_mask(np.load(path), name=path.stem)
+        except (OSError, EOFError, ValueError) as error:  # unreadable, truncated, pickled or not a mask
+            raise ValueError(f"patch mask file {text}: {str(error).rstrip('.')}; save a 2-D boolean array "
+                             f"with numpy.save.") from None
     kind, _, arg = text.partition(":")
     if kind == "rect":
         return Patch.rectangle(*_size("rect patch size", arg))
@@ -345,6 +354,28 @@ def _mapping(name, value) -> types.MappingProxyType:
     if not isinstance(value, Mapping):
         raise ValueError(f"{_where(name)} must be a table of options, e.g. {{width = 8}}, got {value!r}.")
     return types.MappingProxyType(dict(value))
+
+
+def _options(name, value, accepted: Mapping[str, Any]) -> types.MappingProxyType:
+    """A table of options whose keys are in ``accepted`` (option → default) and whose
+    values have the type of a bool, int, float or str default."""
+    options = _mapping(name, value)
+    for key, option in options.items():
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its options are {', '.join(sorted(accepted))}."
+            raise ValueError(f"{_where(name)} has no option {key!r}; {hint}")
+        default = accepted[key]
+        if type(default) not in _OPTION_KINDS:  # required, None or a tuple: the loader checks it
+            continue
+        kind, what = _OPTION_KINDS[type(default)]
+        if not isinstance(option, kind) or isinstance(option, bool) != isinstance(default, bool):
+            raise ValueError(f"{_where(name)}: {key} must be {what} like its default {default!r}, got {option!r}.")
+    return options
+
+
+_OPTION_KINDS = {bool: (bool, "true or false"), int: (numbers.Integral, "an integer"),
+                 float: (numbers.Real, "a number"), str: (str, "a string")}
 
 
 def _list(name, value) -> list:

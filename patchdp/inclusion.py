@@ -54,7 +54,7 @@ def _pair(name: str, value) -> tuple[int, int]:
     """An int or an (height, width) pair of positive ints."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value, value)
-    if not isinstance(value, Sequence) or len(value) != 2:
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
         raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}.")
     return _positive_int(f"{name} height", value[0]), _positive_int(f"{name} width", value[1])
 
@@ -63,7 +63,7 @@ def image_hw(image_shape) -> tuple[int, int]:
     """(H, W) from an image shape ``(H, W)`` or ``(H, W, C)``, validated."""
     if isinstance(image_shape, (int, np.integer)):
         return _pair("image size", image_shape)
-    if not isinstance(image_shape, Sequence) or len(image_shape) not in (2, 3):
+    if isinstance(image_shape, str) or not isinstance(image_shape, Sequence) or len(image_shape) not in (2, 3):
         raise ValueError(f"image shape must be (H, W) or (H, W, C), got {image_shape!r}.")
     return _pair("image size", tuple(image_shape[:2]))
 
@@ -102,6 +102,8 @@ class CropSpec:
                  output_size=None):
         """``CropSpec(100)``, ``CropSpec((100, 200), padding=4)``, or a size mixture
         ``CropSpec([(64, 64), (128, 128)], probabilities=[0.5, 0.5], output_size=64)``."""
+        if isinstance(size, str):
+            raise TypeError(f"crop size must be an int, a (height, width) pair or a list of pairs, got {size!r}.")
         if isinstance(size, Sequence) and size and isinstance(size[0], Sequence):
             sizes = tuple(_pair("crop size", s) for s in size)
         else:
@@ -243,6 +245,15 @@ def _disc(height: int, width: int, cy: float, cx: float, radius: float) -> np.nd
 # --------------------------------------------------------------------------- counting
 
 
+def _check_types(crop, patch) -> None:
+    """TypeError unless crop is a CropSpec (or None, where a size is given) and patch a Patch."""
+    if crop is not None and not isinstance(crop, CropSpec):
+        raise TypeError(f"crop must be a CropSpec, e.g. CropSpec(256, padding=4), got {crop!r}.")
+    if not isinstance(patch, Patch):
+        raise TypeError(f"patch must be a Patch, e.g. Patch.rectangle(10, 10) "
+                        f"(patchdp.config.parse_patch reads 'rect:10x10'), got {patch!r}.")
+
+
 def _check_fits(image: tuple[int, int], patch: Patch) -> None:
     if patch.shape[0] > image[0] or patch.shape[1] > image[1]:
         raise ValueError(f"patch {patch.shape[0]}x{patch.shape[1]} is larger than the image "
@@ -292,6 +303,7 @@ def inclusion_counts(image_shape, crop_size, padding: int, patch: Patch) -> np.n
     (H − p_h + 1, W − p_w + 1) whose entry [a, b] is the number of crop offsets in U
     whose window overlaps the patch placed with its bounding box at row a, column b.
     Divide by |U| = (H + 2P − c_h + 1)(W + 2P − c_w + 1) for p(t)."""
+    _check_types(None, patch)
     spec = CropSpec(crop_size, padding=padding)
     image = image_hw(image_shape)
     _check_fits(image, patch)
@@ -325,6 +337,7 @@ def inclusion_map(image_shape, crop: CropSpec, patch: Patch) -> np.ndarray:
 
     Includes the crop-size mixture (Σ_k π_k p_k(t)) and K crops (1 − (1 − p(t))^K).
     """
+    _check_types(crop, patch)
     image = image_hw(image_shape)
     ranges = crop.offset_ranges(image)
     _check_fits(image, patch)
@@ -350,6 +363,7 @@ def inclusion_probability(image_shape, crop: CropSpec, patch: Patch, *, exact: b
     as a ``Fraction`` with ``exact=True``. p* = 1 when every crop covers every placement
     (e.g. the crop covers the whole padded image): then there is no amplification.
     """
+    _check_types(crop, patch)
     image = image_hw(image_shape)
     counts = [inclusion_counts(image, size, crop.padding, patch) for size in crop.sizes]
     sizes = [rows * cols for rows, cols in crop.offset_ranges(image)]

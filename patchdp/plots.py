@@ -50,7 +50,10 @@ def line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
 
 
 def _save(fig, path) -> Path:
+    """Writes the figure to ``path`` (a PNG if it has no suffix) and returns the path written."""
     path = Path(path)
+    if not path.suffix:  # matplotlib would append .png itself
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

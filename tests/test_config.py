@@ -69,7 +69,7 @@ def test_command_line_values_read_as_toml(text, value):
     (dict(epochs=0), "epochs"),
     (dict(steps=0), "steps"),
     (dict(model="transformer"), "model must be one of .*unet"),
-    (dict(model_options={"widht": 4}), "model_options: .*no option \\['widht'\\]"),
+    (dict(model_options={"widht": 4}), "model_options has no option 'widht'; did you mean 'width'"),
     (dict(model_options=4), "model_options must be a table"),
     (dict(dataset="imagenet"), "dataset must be one of"),
     (dict(optimizer="rmsprop"), "optimizer must be one of sgd, momentum, adam"),

@@ -14,6 +14,8 @@ Sources: ``synthetic`` (embedded, generated on the fly: :mod:`patchdp.data.synth
 
 from __future__ import annotations
 
+import inspect
+
 from patchdp.data.dataset import IGNORE_LABEL, Dataset, SourceDataset
 from patchdp.data.folder import load_folder
 from patchdp.data.prefetch import Prefetcher
@@ -22,20 +24,32 @@ from patchdp.data.tfds import DATASETS as TFDS_DATASETS
 from patchdp.data.tfds import load_tfds
 
 __all__ = [
-    "DATASET_NAMES", "get_dataset", "Dataset", "SourceDataset", "SyntheticScenes", "load_tfds", "load_folder",
+    "DATASET_NAMES", "get_dataset", "dataset_options", "Dataset", "SourceDataset", "SyntheticScenes", "load_tfds", "load_folder",
     "Prefetcher", "IGNORE_LABEL", "SENSITIVE_CLASS", "SENSITIVE_SIZE",
 ]
 
 DATASET_NAMES = ("synthetic", *TFDS_DATASETS, "folder")
 
 
+def _loader(name: str):
+    if name == "synthetic":
+        return SyntheticScenes
+    if name == "folder":
+        return load_folder
+    if name in TFDS_DATASETS:
+        return load_tfds
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASET_NAMES}.")
+
+
+def dataset_options(name: str) -> dict:
+    """The keyword arguments :func:`get_dataset` takes for dataset ``name``, with their
+    defaults (``inspect.Parameter.empty`` where required, e.g. folder's ``root``)."""
+    parameters = inspect.signature(_loader(name)).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in ("name", "split")}
+
+
 def get_dataset(name: str, split: str, **kwargs) -> Dataset:
     """The ``split`` of dataset ``name`` (one of :data:`DATASET_NAMES`); ``kwargs`` go to
     :class:`SyntheticScenes`, :func:`load_tfds` or :func:`load_folder` (``root=...``)."""
-    if name == "synthetic":
-        return SyntheticScenes(split, **kwargs)
-    if name == "folder":
-        return load_folder(split=split, **kwargs)
-    if name in TFDS_DATASETS:
-        return load_tfds(name, split, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASET_NAMES}.")
+    loader = _loader(name)
+    return loader(name, split, **kwargs) if loader is load_tfds else loader(split=split, **kwargs)

@@ -33,7 +33,7 @@ from patchdp.models.unet import UNet
 from patchdp.models.vgg import VGG
 
 __all__ = [
-    "MODELS", "get_model", "UNet", "DeepLabV3Plus", "PSPNet", "ResNet", "ResNetBackbone", "VGG",
+    "MODELS", "get_model", "model_options", "UNet", "DeepLabV3Plus", "PSPNet", "ResNet", "ResNetBackbone", "VGG",
     "load_params", "save_params", "merge_params", "from_torchvision", "fold_batchnorm",
     "IMAGENET_MEAN", "IMAGENET_STD",
 ]
@@ -49,15 +49,21 @@ MODELS = {
 }
 
 
-def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """The model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs; ``kwargs``
-    override its fields (e.g. ``width=8``, ``norm="affine"``, ``backbone_depth=101``)."""
+def model_options(name: str) -> dict:
+    """The options of model ``name`` (its fields but ``num_classes``) and their defaults."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
     factory = MODELS[name]
-    cls = getattr(factory, "func", factory)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
-    unknown = sorted(set(kwargs) - fields)
+    cls, preset = getattr(factory, "func", factory), getattr(factory, "keywords", {})
+    return {f.name: preset.get(f.name, f.default) for f in dataclasses.fields(cls)
+            if f.init and f.name not in ("parent", "name", "num_classes")}
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """The model ``name`` (a key of :data:`MODELS`) with ``num_classes`` outputs; ``kwargs``
+    override its fields (e.g. ``width=8``, ``norm="affine"``, ``backbone_depth=101``)."""
+    options = model_options(name)
+    unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise ValueError(f"model {name!r} has no option {unknown}; its options are {sorted(fields - {'num_classes'})}.")
-    return factory(num_classes=num_classes, **kwargs)
+        raise ValueError(f"model {name!r} has no option {unknown}; its options are {sorted(options)}.")
+    return MODELS[name](num_classes=num_classes, **kwargs)
