@@ -5,6 +5,7 @@
     patchdp inclusion  p* and a heatmap of p(t)
     patchdp train      train a model with patch-level DP-SGD from a config file (--resume RUN_DIR)
     patchdp demo       train the small U-Net on the embedded synthetic scenes, print the numbers
+    patchdp export     a shareable model from a run directory (parameters, no secrets)
 
 Every bad input exits with status 2 and one line on stderr saying what is wrong and how
 to fix it. ``--json`` prints one JSON object instead of the table.
@@ -320,6 +321,15 @@ def cmd_demo(args) -> None:
                               ("evaluated on", f"{count} validation images at full resolution")]))
 
 
+def cmd_export(args) -> None:
+    """A shareable model from a run directory: parameters and what rebuilds the model, no secrets."""
+    from patchdp.export import export_model
+
+    out = export_model(args.run_dir, args.out)
+    _print({"export": str(out)}, [("exported", f"{out}  (params.npz, model.json; no secrets, no optimizer state)")],
+           args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patchdp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -348,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
     _add_override_arguments(p)
     p.set_defaults(run=cmd_demo)
+    p = sub.add_parser("export", help="a shareable model from a run directory (parameters, no secrets)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train or demo")
+    p.add_argument("out", metavar="OUT", help="folder to write params.npz and model.json into")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_export)
     return parser
 
 

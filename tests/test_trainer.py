@@ -388,3 +388,11 @@ def test_an_export_has_no_secret_and_rebuilds_the_model(finished, tmp_path):
     expected = predict(model, trained, images, "unit")
     np.testing.assert_array_equal(predict(model, params, images, info["input_normalization"]), expected)
     assert expected.shape == (4, 16, 16)
+
+
+def test_export_verb_writes_the_same_export(finished, tmp_path, capsys):
+    _, run_dir, _ = finished
+    assert main(["export", str(run_dir), str(tmp_path / "cli"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"export": str(tmp_path / "cli")}
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["model.json", "params.npz"]
+    assert main(["export", str(tmp_path), str(tmp_path / "none")]) == 2  # not a run directory: one line
