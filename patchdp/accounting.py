@@ -2,7 +2,7 @@
 
 One step of DP-SGD adds N(0, (z·C)²) to the sum of per-example gradients clipped to norm
 C. In units of C (noise std z, sensitivity Δ) the privacy of one step under the relations
-below is that of a *dominating pair* of distributions on the real line (SCIENCE.md §3):
+below is that of a *dominating pair* of distributions on the real line (docs/method.md, "The switching substitution profile"):
 
 - **patch** (:class:`PatchLevel`, the point of patchdp) and **image-level substitution**
   (:class:`ImageLevel`, the baseline): the protected image stays in the dataset and its
@@ -128,7 +128,7 @@ Sampling = Union[FixedSizeSampling, PoissonSampling]
 
 @dataclasses.dataclass(frozen=True)
 class PatchLevel:
-    """Patch-level substitution (SCIENCE.md §1): one image changes inside one patch
+    """Patch-level substitution (docs/method.md, "The patch relation"): one image changes inside one patch
     region; amplified by cropping with worst-case inclusion probability p*
     (:func:`patchdp.inclusion.inclusion_probability`). w = q·p*, Δ = 2."""
 
