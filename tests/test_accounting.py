@@ -155,7 +155,8 @@ def test_add_remove_matches_dp_accounting_pld_accountant():
 
 @pytest.mark.parametrize("w,z,steps", [(0.01, 1.0, 1000), (0.0146 * 1e-3, 1.0, 10 ** 5), (0.1, 4.0, 100), (0.5, 2.0, 10)])
 def test_rdp_is_never_below_pld(w, z, steps):
-    # Independent upper bound. dp_accounting's RDP for the Poisson-subsampled Gaussian
+    # Sanity check, not a proof (patchdp/interop.py: the switching pair's Rényi divergence
+    # exceeds the remove pair's). dp_accounting's RDP for the Poisson-subsampled Gaussian
     # bounds the pair (1-w)N(0,σ²)+wN(1,σ²) vs N(0,σ²) in sensitivity-1 units; our pair
     # has sensitivity Δ = 2 in units of C, i.e. noise multiplier σ = z / 2 there. (Its
     # REPLACE_ONE relation would instead mean sensitivity 2 with σ = z, another scaling.)
