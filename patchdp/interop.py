@@ -22,13 +22,15 @@ remove one example), :func:`dp_event` returns the standard event
 mechanism, so dp_accounting's RDP and PLD accountants bound it by their own proofs.
 
 For the substitution relations (:class:`~patchdp.accounting.PatchLevel`,
-:class:`~patchdp.accounting.ImageLevel`) no standard event is exported, because none
-that keeps the amplification provably bounds the mechanism. The natural candidate is
+:class:`~patchdp.accounting.ImageLevel`) no standard event is exported: we know of none
+that keeps the amplification and provably bounds the mechanism. The natural candidate is
 ``PoissonSampledDpEvent(w, GaussianDpEvent(z/2))`` with w = q·p*: in units of 2C its
 "remove" pair (1 − w)N(0, (z/2)²) + wN(1, (z/2)²) against N(0, (z/2)²) is the switching
-pair's remove branch exactly. But the switching pair (docs/method.md, "Accounting") has
-privacy profile δ_sw(ε) = δ_r(ε) for ε ≥ 0 and δ_a(ε) for ε < 0 (r: remove pair,
-a: add pair), i.e. δ_sw = max(δ_r, δ_a) pointwise, and
+pair's remove branch exactly. But the switching pair (docs/method.md, "The switching
+substitution profile") has privacy profile δ_sw(ε) = δ_r(ε) for ε ≥ 0 and δ_a(ε) for
+ε < 0 (r: remove pair, a: add pair), i.e. δ_sw = max(δ_r, δ_a) pointwise (δ_r ≥ δ_a for
+ε ≥ 0, Zhu et al. 2022; for ε < 0 this follows from H_{e^ε}(A‖B) = 1 − e^ε +
+e^ε·H_{e^{−ε}}(B‖A)), and
 
 - dp_accounting's PLD accountant composes the remove and add pairs separately and
   reports max(δ_r^{⊗T}, δ_a^{⊗T}); since δ_sw dominates both pairs, δ_sw^{⊗T} ≥ each, so
@@ -36,10 +38,11 @@ a: add pair), i.e. δ_sw = max(δ_r, δ_a) pointwise, and
 - its RDP accountant reports D_α of the remove pair. Writing a pair's Rényi moment
   through its profile, E_Q[(dP/dQ)^α] = ∫₀^∞ α(α − 1)γ^{α−2} H_γ(P‖Q) dγ (H_γ the
   hockey-stick divergence, ε = log γ), the switching pair's moment exceeds the remove
-  pair's by ∫₁^∞ α(α − 1)β^{−α−1}(δ_r − δ_a)(log β) dβ > 0 (the two differ for every
-  w < 1). So the RDP of the remove pair does not bound the dominating pair that patchdp's
-  proof goes through; whether it bounds the patch-level mechanism itself is not
-  established, and tests/test_accounting.py only observes that its ε stays above ours.
+  pair's by ∫₁^∞ α(α − 1)β^{−α−1}(δ_r − δ_a)(log β) dβ > 0 (for 0 < w < 1: the add
+  pair's losses stay below −log(1 − w), so δ_a = 0 < δ_r above it). So the RDP of the
+  remove pair does not bound the dominating pair that patchdp's proof goes through;
+  whether it bounds the patch-level mechanism itself is not established, and
+  tests/test_accounting.py only observes that its ε stays above ours.
 
 The one standard event that provably bounds a step without further argument is
 ``GaussianDpEvent(z/2)`` (sensitivity 2C, no sampling, no cropping), which forgets all
