@@ -1,6 +1,6 @@
 """Shared settings and output helpers for the accounting experiments.
 
-The paper's privacy-profile setting (SCIENCE.md §5): 1000×1000 images, batch 100 of
+The paper's privacy-profile setting (docs/method.md, "Settings to check against"): 1000×1000 images, batch 100 of
 N = 10^5 (fixed-size, q = 10^-3), 100 epochs (T = 10^5 steps), clip norm 2 with noise
 std 1/2/4 on the clipped sum, i.e. noise multipliers z = 0.5/1/2, δ = 10^-5.
 """

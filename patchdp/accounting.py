@@ -2,7 +2,7 @@
 
 One step of DP-SGD adds N(0, (z·C)²) to the sum of per-example gradients clipped to norm
 C. In units of C (noise std z, sensitivity Δ) the privacy of one step under the relations
-below is that of a *dominating pair* of distributions on the real line (SCIENCE.md §3):
+below is that of a *dominating pair* of distributions on the real line (docs/method.md, "The switching substitution profile"):
 
 - **patch** (:class:`PatchLevel`, the point of patchdp) and **image-level substitution**
   (:class:`ImageLevel`, the baseline): the protected image stays in the dataset and its
@@ -21,12 +21,14 @@ below is that of a *dominating pair* of distributions on the real line (SCIENCE.
 
 Numerics: each pair's profile is evaluated in closed form (Gaussian tails in log space)
 on the grid ε_i = i·Δε, turned into a PLD with the pessimistic connect-the-dots
-discretisation of Doroshenko et al. (2022) via ``dp_accounting``, self-composed with an
+discretisation of Doroshenko et al. (2022) (implemented here from its definition; only
+tests and :mod:`patchdp.interop` import ``dp_accounting``), self-composed with an
 FFT, and queried for ε(δ) or δ(ε). Every approximation rounds towards *less* privacy:
 the discretisation is pessimistic, truncated tails move to ε = +∞, the lowest losses
 are lumped upwards, and the FFT's floating-point error, bounded a priori for any CPU
-(section "composition"), is added to every δ. The RDP accountant of ``dp_accounting`` gives an independent, looser
-upper bound (tests check it is never below ours).
+(section "composition"), is added to every δ. Tests cross-check against dp_accounting's
+PLD code and its RDP accountant (the latter a sanity check, not a proof: see
+:mod:`patchdp.interop` for why no standard DpEvent provably bounds the switching pair).
 
 Units: ``noise_multiplier`` z is the noise std divided by the clip norm C; ``steps`` T is
 the number of DP-SGD steps; ``delta`` δ ∈ (0, 1); ``epsilon`` ε > 0 in nats.
@@ -41,8 +43,6 @@ import warnings
 from typing import NamedTuple, Sequence, Union
 
 import numpy as np
-from dp_accounting.pld import pld_pmf
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import fft as sp_fft
 from scipy import optimize, signal, special
 
@@ -128,7 +128,7 @@ Sampling = Union[FixedSizeSampling, PoissonSampling]
 
 @dataclasses.dataclass(frozen=True)
 class PatchLevel:
-    """Patch-level substitution (SCIENCE.md §1): one image changes inside one patch
+    """Patch-level substitution (docs/method.md, "The patch relation"): one image changes inside one patch
     region; amplified by cropping with worst-case inclusion probability p*
     (:func:`patchdp.inclusion.inclusion_probability`). w = q·p*, Δ = 2."""
 
@@ -206,7 +206,8 @@ def effective_sampling_rate(sampling: Sampling, relation: Relation) -> float:
 
 
 def _hockey_stick(eps: np.ndarray, rate: float, mu: float) -> np.ndarray:
-    """H_{e^ε}(P‖Q) for P = (1 − w)N(0, 1) + wN(μ, 1), Q = N(0, 1), any real ε.
+    """H_{e^ε}(P‖Q) for P = (1 − w)N(0, 1) + wN(μ, 1), Q = N(0, 1), any real ε (the
+    "remove" pair).
 
     The privacy loss is increasing in x, so H = P(x > x_ε) − e^ε Q(x > x_ε) with
     x_ε = (log((e^ε − 1 + w)/w) + μ²/2)/μ; evaluated in log space so tiny δ keep their
@@ -225,11 +226,36 @@ def _hockey_stick(eps: np.ndarray, rate: float, mu: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def _hockey_stick_add(eps: np.ndarray, rate: float, mu: float) -> np.ndarray:
+    """H_{e^ε}(Q‖P) for the same P and Q, any real ε (the "add" pair).
+
+    The loss log(Q/P)(x) = −log(1 − w + w·e^{μx − μ²/2}) ≤ −log(1 − w) decreases in x, so
+    H = Q(x < x_ε) − e^ε P(x < x_ε) = e^ε·(s·Φ(x_ε) − w·Φ(x_ε − μ)) with s = e^{−ε} − 1 + w
+    and x_ε = (log(s/w) + μ²/2)/μ, and H = 0 where s ≤ 0; in log space as above.
+    """
+    eps = np.asarray(eps, dtype=np.float64)
+    out = np.zeros(eps.shape)
+    shifted = np.expm1(-eps) + rate
+    live = shifted > 0
+    s = shifted[live]
+    x = (np.log(s / rate) + mu * mu / 2) / mu
+    log_a = np.log(s) + special.log_ndtr(x)
+    log_b = math.log(rate) + special.log_ndtr(x - mu)
+    out[live] = np.exp(eps[live] + log_a) * -np.expm1(np.minimum(log_b - log_a, 0.0))
+    return np.clip(out, 0.0, 1.0)
+
+
+def _remove_loss(x: float, rate: float, mu: float) -> float:
+    """log(P/Q)(x) of the remove pair, increasing in x (the add pair's loss is its negative)."""
+    return float(np.logaddexp(math.log1p(-rate) if rate < 1 else -np.inf, math.log(rate) + mu * x - mu * mu / 2))
+
+
+_TAIL_X = float(-special.ndtri(math.exp(_LOG_TAIL)))  # Φ̄(_TAIL_X) = e^_LOG_TAIL
+
+
 def _loss_range(rate: float, mu: float) -> float:
     """A loss beyond which the remove pair has P-mass below e^_LOG_TAIL."""
-    x = mu - special.ndtri(math.exp(_LOG_TAIL))
-    return float(np.logaddexp(math.log1p(-rate) if rate < 1 else -np.inf,
-                              math.log(rate) + mu * x - mu * mu / 2))
+    return _remove_loss(mu + _TAIL_X, rate, mu)
 
 
 class _PLD(NamedTuple):
@@ -250,32 +276,54 @@ class _PLD(NamedTuple):
         return (self.offset + np.arange(self.probs.size)) * self.step
 
 
-def _from_dp_accounting(pmf) -> _PLD:
-    """Reads a dp_accounting PLDPmf. Its DensePLDPmf keeps the arrays in private fields;
-    the version range is pinned in pyproject.toml and tests/test_accounting.py checks
-    that this reading agrees with dp_accounting's own δ(ε)."""
-    dense = pmf.to_dense_pmf()
-    return _PLD(np.asarray(dense._probs, np.float64), int(dense._lower_loss),
-                float(dense._discretization), float(dense._infinity_mass))
+def _connect_the_dots(deltas: np.ndarray, offset: int, step: float) -> _PLD:
+    """The pessimistic connect-the-dots PLD (Doroshenko et al. 2022, Algorithm 1) of a
+    privacy profile given at the grid losses ε_i = (offset + i)·step, i = 0 … n − 1.
+
+    Its δ(ε) equals the profile at every grid point and interpolates between them along
+    the chord of e^ε ↦ δ, which lies above the (convex) true profile: masses, with
+    d = step and Δδ_i = δ_{i+1} − δ_i,
+
+        ε_1:            1 − δ_1 + Δδ_1/(e^d − 1)      (all lower losses lumped up here)
+        ε_i, 1 < i < n: (Δδ_i − e^d·Δδ_{i−1})/(e^d − 1)
+        ε_n:            Δδ_{n−1}/(e^{−d} − 1)
+        +∞:             δ_n.
+
+    Tiny negative masses from rounding are set to 0 (pessimistic).
+    """
+    deltas = np.minimum.accumulate(np.asarray(deltas, dtype=np.float64))  # a profile never rises
+    if deltas.size < 2:
+        raise ValueError("connect-the-dots needs at least two grid points.")
+    diffs = np.diff(deltas)
+    probs = np.empty(deltas.size)
+    probs[0] = 1 - deltas[0] + diffs[0] / math.expm1(step)
+    probs[1:-1] = (diffs[1:] - diffs[:-1] * math.exp(step)) / math.expm1(step)
+    probs[-1] = diffs[-1] / math.expm1(-step)
+    return _PLD(np.maximum(probs, 0.0), offset, step, float(deltas[-1]))
+
+
+def _grid(low: float, high: float, step: float) -> np.ndarray:
+    """Grid indices covering the losses [low, high], clipped to ±_MAX_LOSS and to at most
+    2·_MAX_HALF_GRID points (losses cut below are lumped up, above moved to +∞)."""
+    top = int(math.ceil(min(high, _MAX_LOSS) / step))
+    bottom = max(int(math.floor(max(low, -_MAX_LOSS) / step)), top - 2 * _MAX_HALF_GRID)
+    return np.arange(min(bottom, top - 1), top + 1)
 
 
 def _switching_pld(rate: float, mu: float, step: float) -> _PLD:
-    """The switching substitution pair of SCIENCE.md §3 as one symmetric PLD.
+    """The switching substitution pair of docs/method.md ("Accounting") as one symmetric PLD.
 
     For ε ≥ 0 the profile is H_{e^ε}(P‖Q) of the remove pair; discretised by pessimistic
-    connect-the-dots (Doroshenko et al. 2022, via dp_accounting) on the grid
-    {0, step, …}. For ε < 0 it is the add pair, H_{e^ε}(Q‖P) = 1 − e^ε + e^ε H_{e^{−ε}}(P‖Q):
-    the loss distribution of such a symmetric pair obeys ω(−l) = e^{−l} ω(l), so the
-    negative half is the mirror image of the positive half, and the atom at 0 takes the
-    remaining mass. (Building the negative half from δ values instead would difference
-    numbers near 1 − e^ε and spray ~1e-12 of phantom mass on every grid point.)
+    connect-the-dots on the grid {0, step, …}. For ε < 0 it is the add pair,
+    H_{e^ε}(Q‖P) = 1 − e^ε + e^ε H_{e^{−ε}}(P‖Q): the loss distribution of such a
+    symmetric pair obeys ω(−l) = e^{−l} ω(l), so the negative half is the mirror image of
+    the positive half, and the atom at 0 takes the remaining mass. (Building the negative
+    half from δ values instead would difference numbers near 1 − e^ε and spray ~1e-12 of
+    phantom mass on every grid point.)
     """
     half = min(int(math.ceil(min(_loss_range(rate, mu), _MAX_LOSS) / step)) + 1, _MAX_HALF_GRID)
-    deltas = _hockey_stick(np.arange(half + 1) * step, rate, mu)
-    positive = _from_dp_accounting(pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(step, 0, half, deltas))
-    masses = np.zeros(half + 1)
-    masses[positive.offset: positive.offset + positive.probs.size] = positive.probs
-    above = masses[1:]
+    positive = _connect_the_dots(_hockey_stick(np.arange(half + 1) * step, rate, mu), 0, step)
+    above = positive.probs[1:]
     mirrored = (above * np.exp(-np.arange(1, half + 1) * step))[::-1]
     zero = 1.0 - positive.infinity_mass - above.sum() - mirrored.sum()
     if zero < -1e-6:  # connect-the-dots rounding leaves ~1e-9; more would be a bug
@@ -285,17 +333,24 @@ def _switching_pld(rate: float, mu: float, step: float) -> _PLD:
     return _truncate(_PLD(probs, -half, step, positive.infinity_mass), math.exp(_LOG_TAIL))
 
 
+def _add_remove_plds(rate: float, mu: float, step: float) -> tuple[_PLD, _PLD]:
+    """The remove pair (P against Q) and the add pair (Q against P) as two PLDs, each by
+    pessimistic connect-the-dots of its closed-form profile over the losses that carry
+    all but e^_LOG_TAIL of its upper distribution's mass (what dp_accounting builds for
+    a Poisson-subsampled Gaussian with use_connect_dots=True)."""
+    remove = _grid(_remove_loss(-_TAIL_X, rate, mu), _remove_loss(mu + _TAIL_X, rate, mu), step)
+    add = _grid(-_remove_loss(_TAIL_X, rate, mu), -_remove_loss(-_TAIL_X, rate, mu), step)
+    return (_connect_the_dots(_hockey_stick(remove * step, rate, mu), int(remove[0]), step),
+            _connect_the_dots(_hockey_stick_add(add * step, rate, mu), int(add[0]), step))
+
+
 @functools.lru_cache(maxsize=8)
 def _single_step(kind: str, rate: float, noise_multiplier: float, step: float) -> tuple[_PLD, ...]:
     """The PLD(s) of one DP-SGD step in units of C; δ of a composition is the max over
-    the tuple. Substitution relations: the switching pair with Δ = 2. Add/remove:
-    dp_accounting's Poisson-subsampled Gaussian (Δ = 1), remove and add separately."""
+    the tuple. Substitution relations: the switching pair with Δ = 2. Add/remove: the
+    Poisson-subsampled Gaussian with Δ = 1, remove and add pairs separately."""
     if kind == "add_remove":
-        pld = pld_lib.from_gaussian_mechanism(
-            noise_multiplier, sensitivity=1.0, sampling_prob=rate,
-            value_discretization_interval=step, use_connect_dots=True)
-        remove, add = pld._pmf_remove, pld._pmf_add  # pylint: disable=protected-access
-        return (_from_dp_accounting(remove), _from_dp_accounting(add))
+        return _add_remove_plds(rate, 1.0 / noise_multiplier, step)
     return (_switching_pld(rate, 2.0 / noise_multiplier, step),)
 
 

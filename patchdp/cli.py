@@ -27,7 +27,7 @@ from patchdp import accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
 from patchdp.inclusion import CropSpec, image_hw, inclusion_map, inclusion_probability
 
-# Defaults of the accounting verbs: the paper's Cityscapes setting (SCIENCE.md §5) with
+# Defaults of the accounting verbs: the paper's Cityscapes setting (docs/method.md, "Settings to check against") with
 # noise std 2 on a clip norm of 2, i.e. z = 1.
 DEFAULTS = dict(image_size="1024x2048", crop="505", padding=0, crops_per_example=1,
                 patch="rect:10x10", batch_size=200, dataset_size=2975, epochs=100.0,
@@ -182,7 +182,7 @@ def _warn_if_no_amplification(p_star: float, image, crop: CropSpec) -> None:
 def _epsilon_notes(r: dict) -> dict:
     """Why ε or the ratio is not a finite number, by key (empty when all are)."""
     notes = {f"epsilon_{level}": f"∞ (δ = {r['delta']:g} is not reachable: raise the noise or δ, or take fewer steps)"
-             for level in ("patch", "image") if math.isinf(r[f"epsilon_{level}"])}
+             for level in ("patch", "image", "add_remove") if math.isinf(r[f"epsilon_{level}"])}
     if not math.isfinite(r["epsilon_ratio"]):
         notes["epsilon_ratio"] = f"n/a: ε patch-level is {'∞' if math.isinf(r['epsilon_patch']) else 0}"
     return notes
@@ -198,9 +198,10 @@ def cmd_privacy(args) -> None:
         ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
         ("q   (sampling rate)", f"{r['sampling_rate']:.6g}"),
         ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
-        ("ε patch-level", notes.get("epsilon_patch", f"{r['epsilon_patch']:.4f}")),
-        ("ε image-level", notes.get("epsilon_image", f"{r['epsilon_image']:.4f}")),
-        ("ratio image / patch", notes.get("epsilon_ratio", f"{r['epsilon_ratio']:.2f}x")),
+        (report.LABELS["epsilon_patch"], notes.get("epsilon_patch", f"{r['epsilon_patch']:.4f}")),
+        (report.LABELS["epsilon_image"], notes.get("epsilon_image", f"{r['epsilon_image']:.4f}")),
+        ("ratio image / patch (substitution)", notes.get("epsilon_ratio", f"{r['epsilon_ratio']:.2f}x")),
+        (report.LABELS["epsilon_add_remove"], notes.get("epsilon_add_remove", f"{r['epsilon_add_remove']:.4f}")),
     ]
     _print(r, rows, args.json, notes)
 
@@ -289,8 +290,10 @@ def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
             ("noise multiplier z", f"{report.noise_runs_text(p)}  (noise std = z · clip norm{how})"),
             ("p*, q, w = q·p*", f"{p['inclusion_probability']:.4g}, {p['sampling_rate']:.4g}, "
                                 f"{p['effective_sampling_rate']:.4g}"),
-            (f"ε patch-level  (δ = {p['delta']:.3g})", shown(p, "epsilon_patch", ".3f")),
-            ("ε image-level, same noise", f"{shown(p, 'epsilon_image', '.3f')}  ({shown(p, 'epsilon_ratio', '.1f')}x)"),
+            (f"{report.LABELS['epsilon_patch']}  (δ = {p['delta']:.3g})", shown(p, "epsilon_patch", ".3f")),
+            (f"{report.LABELS['epsilon_image']}, same noise",
+             f"{shown(p, 'epsilon_image', '.3f')}  ({shown(p, 'epsilon_ratio', '.1f')}x)"),
+            (f"{report.LABELS['epsilon_add_remove']}, same noise", shown(p, "epsilon_add_remove", ".3f")),
             (f"noise image-level DP needs for ε = {shown(p, 'epsilon_patch', '.3g')}",
              f"z = {shown(same, 'noise_multiplier_image', '.3f')}  ({shown(same, 'noise_ratio', '.2f')}x the noise)"),
         ]

@@ -1,6 +1,6 @@
 """Per-example gradients, clipped as a whole and summed, in microbatches.
 
-The sensitivity of DP-SGD comes from here (SCIENCE.md §4, steps 2–3). For a batch of
+The sensitivity of DP-SGD comes from here (docs/method.md, "The training step", steps 2–3). For a batch of
 examples x_i with validity mask m_i, :func:`clipped_grad_sum` returns
 
     S = Σ_i  m_i · f_i · g_i · min(1, C / ‖g_i‖),      g_i = ∇_θ loss(θ, x_i),

@@ -7,7 +7,7 @@ distribution and its top-left offset uniformly from
     U = {0, …, H + 2P − c_h} × {0, …, W + 2P − c_w}            (padded coordinates),
 
 the distribution behind ``patchdp.inclusion.inclusion_map``: one ``CropSpec`` drives
-both, so the sampler and the accountant cannot disagree (SCIENCE.md §2). A crop whose
+both, so the sampler and the accountant cannot disagree (docs/method.md, "Why random crops amplify privacy"). A crop whose
 size differs from ``spec.output_size`` is then resized to it (bilinear for images,
 nearest for label maps); the resize reads only pixels inside the crop box, so a patch
 outside the box cannot influence the crop. An optional horizontal flip comes last and

@@ -11,7 +11,7 @@ contains at least one of its pixels. The inclusion probability is
 
     p(t) = |{(u, v) ∈ U : window hits R + t}| / |U|,      p* = max_t p(t),
 
-and the accountant uses the effective sampling rate w = q · p* (SCIENCE.md §2–3).
+and the accountant uses the effective sampling rate w = q · p* (docs/method.md, "Why random crops amplify privacy" and "Accounting").
 
 The set of hitting offsets is R dilated by the crop box; p(t) for *all* t at once is one
 summed-area table of that dilation queried with per-row and per-column clipping bounds:
@@ -357,7 +357,7 @@ def _round_up(value: Fraction) -> float:
 
 
 def inclusion_probability(image_shape, crop: CropSpec, patch: Patch, *, exact: bool = False):
-    """Worst-case inclusion probability p* = max_t p(t) (SCIENCE.md §2).
+    """Worst-case inclusion probability p* = max_t p(t) (docs/method.md, "Why random crops amplify privacy").
 
     Returns a float rounded up (never below the true p*), or the exact rational value
     as a ``Fraction`` with ``exact=True``. p* = 1 when every crop covers every placement

@@ -3,7 +3,7 @@
 The accountant's noise multiplier z is in units of the clip norm C: the sum S of
 clipped per-example gradients (sensitivity 2C under substitution, ``patchdp.clipping``)
 receives noise N(0, (z·C)² I), ONCE per logical step, and only then is divided by the
-expected batch size (SCIENCE.md §3–4):
+expected batch size (docs/method.md, "Units" and "The training step"):
 
     ĝ = (S + N(0, (z·C)² I)) / E[B],     E[B] = B (fixed-size batches) or q·N (Poisson).
 

@@ -21,6 +21,28 @@ def steps_for_epochs(epochs: float, sampling: accounting.Sampling) -> int:
     return max(1, math.ceil(epochs / sampling.rate - 1e-9))
 
 
+LABELS = {
+    "epsilon_patch": "ε patch-level, substitution",
+    "epsilon_image": "ε image-level, substitution (paper's baseline)",
+    "epsilon_add_remove": "ε image-level, add/remove + Poisson (Opacus/jax-privacy)",
+}
+"""How every report names the three guarantees. Substitution (one image replaced, or
+changed inside one patch) is the paper's relation; add/remove (one image added or removed)
+with Poisson sampling at the same rate q is what Opacus and jax-privacy report; its
+sensitivity is C instead of 2C, so its ε at the same noise is much smaller. Compare a
+number from those libraries with ``epsilon_add_remove``, and patch-level with
+``epsilon_image``."""
+
+
+def add_remove_setting(sampling: accounting.Sampling) -> dict:
+    """The Opacus / jax-privacy view of a run: Poisson sampling at the run's rate q and
+    the add/remove relation (for fixed-size batches this describes a comparable Poisson
+    run, not a guarantee of the run itself)."""
+    return dict(sampling=accounting.PoissonSampling(rate=sampling.rate,
+                                                    dataset_size=getattr(sampling, "dataset_size", None)),
+                relation=accounting.AddRemove())
+
+
 def _rates(image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling) -> dict:
     p_star = inclusion_probability(image_shape, crop, patch)
     return {"inclusion_probability": p_star, "sampling_rate": sampling.rate,
@@ -30,16 +52,20 @@ def _rates(image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampl
 def privacy_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling,
                    steps: int, delta: float, noise_multiplier: float,
                    resolution: float = accounting.DEFAULT_RESOLUTION) -> dict:
-    """ε at δ for patch-level and image-level DP-SGD with the same noise and training.
+    """ε at δ for patch-level and image-level DP-SGD with the same noise and training
+    (both substitution), and the add/remove ε with Poisson sampling at the same rate.
 
     Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
-    epsilon_patch, epsilon_image, epsilon_ratio (image / patch), and the inputs.
+    epsilon_patch, epsilon_image, epsilon_ratio (image / patch), epsilon_add_remove
+    (see :data:`LABELS`), and the inputs.
     """
     rates = _rates(image_shape, crop, patch, sampling)
     patch_level = accounting.PatchLevel(rates["inclusion_probability"])
     kwargs = dict(sampling=sampling, resolution=resolution)
     eps_patch = accounting.epsilon(noise_multiplier, steps, delta, relation=patch_level, **kwargs)
     eps_image = accounting.epsilon(noise_multiplier, steps, delta, relation=accounting.ImageLevel(), **kwargs)
+    eps_add_remove = accounting.epsilon(noise_multiplier, steps, delta, resolution=resolution,
+                                        **add_remove_setting(sampling))
     return {
         **rates,
         "noise_multiplier": noise_multiplier,
@@ -48,6 +74,7 @@ def privacy_report(*, image_shape, crop: CropSpec, patch: Patch, sampling: accou
         "epsilon_patch": eps_patch,
         "epsilon_image": eps_image,
         "epsilon_ratio": eps_image / eps_patch if eps_patch > 0 else math.inf,
+        "epsilon_add_remove": eps_add_remove,
     }
 
 

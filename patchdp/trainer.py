@@ -544,19 +544,20 @@ def final_report(config: Config, plan: Plan, ledger: accounting.Ledger, *, stop_
 
 def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
     """ε at the ledger's δ for the steps it records, in runs of (z, count), under
-    patch-level and image-level accounting: the run's own accounting is the ledger's ε,
-    the other replays the same runs in a ledger of its own.
+    patch-level and image-level (substitution) accounting and under add/remove with
+    Poisson sampling at the same rate (:data:`patchdp.report.LABELS`): the run's own
+    accounting is the ledger's ε, the others replay the same runs in ledgers of their own.
 
     Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
     noise_runs ([[z, count], ...]), noise_multiplier (z, or None when it changed), steps,
-    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch).
+    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch), epsilon_add_remove.
     """
     runs = ledger.to_dict()["runs"]
 
-    def epsilon_under(relation: accounting.Relation) -> float:
-        if relation == ledger.relation:
+    def epsilon_under(relation: accounting.Relation, sampling_view: accounting.Sampling = ledger.sampling) -> float:
+        if relation == ledger.relation and sampling_view == ledger.sampling:
             return ledger.epsilon()
-        replay = accounting.Ledger(sampling=ledger.sampling, relation=relation, delta=ledger.delta,
+        replay = accounting.Ledger(sampling=sampling_view, relation=relation, delta=ledger.delta,
                                    resolution=ledger.resolution)
         for z, count in runs:
             replay.step(z, count)
@@ -569,6 +570,8 @@ def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
                "steps": ledger.steps, "delta": ledger.delta,
                "epsilon_patch": epsilon_under(accounting.PatchLevel(p_star)),
                "epsilon_image": epsilon_under(accounting.ImageLevel())}
+    add_remove = report.add_remove_setting(ledger.sampling)
+    privacy["epsilon_add_remove"] = epsilon_under(add_remove["relation"], add_remove["sampling"])
     if len(runs) > 1:
         privacy["noise_multiplier_reason"] = "the noise multiplier changed during the run: see noise_runs"
     _ratio(privacy, "epsilon_ratio", "epsilon_image", "epsilon_patch")
@@ -635,13 +638,18 @@ def markdown(result: dict) -> str:
                   f"| p* (a crop hits the patch) | {p['inclusion_probability']:.6g} |",
                   f"| q (sampling rate) | {p['sampling_rate']:.6g} |",
                   f"| w = q·p* (effective sampling rate) | {p['effective_sampling_rate']:.6g} |",
-                  f"| ε patch-level | {report.shown(p, 'epsilon_patch', '.4f')} |",
-                  f"| ε image-level (same noise) | {report.shown(p, 'epsilon_image', '.4f')} |",
+                  f"| {report.LABELS['epsilon_patch']} | {report.shown(p, 'epsilon_patch', '.4f')} |",
+                  f"| {report.LABELS['epsilon_image']}, same noise | {report.shown(p, 'epsilon_image', '.4f')} |",
+                  f"| {report.LABELS['epsilon_add_remove']}, same noise | "
+                  f"{report.shown(p, 'epsilon_add_remove', '.4f')} |",
                   f"| noise z image-level DP needs for ε = {report.shown(p, 'epsilon_patch', '.4g')} | "
                   f"{report.shown(same, 'noise_multiplier_image', '.4f')} "
                   f"({report.shown(same, 'noise_ratio', '.2f')}x) |"]
         if "delta_overflow" in p:
             lines.append(f"| δ added by stopping on Poisson overflow | {p['delta_overflow']:.3g} |")
+        lines += ["", "Patch-level and image-level ε are for the substitution relation (one image replaced; "
+                  "the paper's comparison). Opacus and jax-privacy report add/remove ε (one image added or "
+                  "removed, Poisson sampling): compare their numbers with the add/remove row."]
     else:
         lines += ["", "No step was taken: nothing was released."]
     return "\n".join(lines) + "\n"

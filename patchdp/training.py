@@ -1,4 +1,4 @@
-"""The train state and one DP-SGD step (SCIENCE.md §4).
+"""The train state and one DP-SGD step (docs/method.md, "The training step").
 
     key ─┬─► per-example keys ─► K random crops (patchdp.crops)
          │                          │

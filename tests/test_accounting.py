@@ -117,13 +117,31 @@ def test_fft_composition_and_queries_agree_with_dp_accounting(w, z, steps):
                                rtol=1e-6, atol=1e-13)
 
 
-def test_reading_dp_accounting_pmfs():
-    # We read DensePLDPmf's private arrays; check the reading against its own δ(ε).
-    pld = pld_lib.from_gaussian_mechanism(1.0, sampling_prob=0.01, value_discretization_interval=COARSE)
-    for pmf in (pld._pmf_remove, pld._pmf_add):
-        ours = acc._from_dp_accounting(pmf)
-        eps = np.array([0.0, 0.1, 0.7])
-        np.testing.assert_allclose(acc._delta_of(ours, eps), pmf.get_delta_for_epsilon(eps), rtol=1e-12, atol=1e-16)
+@pytest.mark.parametrize("w,z", [(0.01, 1.0), (0.3, 0.7), (1.0, 1.5)])
+def test_connect_the_dots_matches_dp_accounting(w, z):
+    # Our discretisation against dp_accounting's public one on the same δ values: the
+    # masses (read through its public δ(ε)) agree at and between grid points.
+    deltas = acc._hockey_stick(np.arange(400) * COARSE, w, 2.0 / z)
+    ours = acc._connect_the_dots(deltas, 0, COARSE)
+    theirs = pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(COARSE, 0, 399, deltas)
+    eps = np.array([-0.5, 0.0, 0.0004, 0.1, 0.2315, 0.399, 0.5])
+    np.testing.assert_allclose(acc._delta_of(ours, eps), theirs.get_delta_for_epsilon(eps), rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("w,z", [(0.01, 1.0), (0.2, 0.6), (1.0, 2.0)])
+def test_add_and_remove_pairs_match_dp_accounting(w, z):
+    # The two pairs built from our closed forms against dp_accounting's own
+    # Poisson-subsampled Gaussian (its public PrivacyLossDistribution.get_delta_for_epsilon
+    # is the max of its two pairs); and each of our pairs against quadrature.
+    remove, add = acc._single_step("add_remove", w, z, COARSE)
+    theirs = pld_lib.from_gaussian_mechanism(z, sampling_prob=w, value_discretization_interval=COARSE)
+    eps = np.array([0.0, 0.01, 0.3, 1.0, 2.5])
+    ours = np.maximum(acc._delta_of(remove, eps), acc._delta_of(add, eps))
+    np.testing.assert_allclose(ours, theirs.get_delta_for_epsilon(eps), rtol=1e-9, atol=1e-15)
+    for e in [0.05, 0.3]:
+        assert acc._delta_of(remove, np.array([e]))[0] == pytest.approx(pair_delta(e, w, z, 1.0), rel=1e-3, abs=1e-12)
+        assert acc._delta_of(add, np.array([e]))[0] == pytest.approx(
+            pair_delta(e, w, z, 1.0, reverse=True), rel=1e-3, abs=1e-12)
 
 
 def test_add_remove_matches_dp_accounting_pld_accountant():
@@ -137,7 +155,8 @@ def test_add_remove_matches_dp_accounting_pld_accountant():
 
 @pytest.mark.parametrize("w,z,steps", [(0.01, 1.0, 1000), (0.0146 * 1e-3, 1.0, 10 ** 5), (0.1, 4.0, 100), (0.5, 2.0, 10)])
 def test_rdp_is_never_below_pld(w, z, steps):
-    # Independent upper bound. dp_accounting's RDP for the Poisson-subsampled Gaussian
+    # Sanity check, not a proof (patchdp/interop.py: the switching pair's Rényi divergence
+    # exceeds the remove pair's). dp_accounting's RDP for the Poisson-subsampled Gaussian
     # bounds the pair (1-w)N(0,σ²)+wN(1,σ²) vs N(0,σ²) in sensitivity-1 units; our pair
     # has sensitivity Δ = 2 in units of C, i.e. noise multiplier σ = z / 2 there. (Its
     # REPLACE_ONE relation would instead mean sensitivity 2 with σ = z, another scaling.)

@@ -32,12 +32,17 @@ def test_privacy_json_matches_the_api(capsys):
     assert r["epsilon_patch"] == accounting.epsilon(1.5, 200, 1e-5, relation=accounting.PatchLevel(p), **kw)
     assert r["epsilon_image"] == accounting.epsilon(1.5, 200, 1e-5, relation=accounting.ImageLevel(), **kw)
     assert r["epsilon_patch"] < r["epsilon_image"]
+    poisson = accounting.PoissonSampling(rate=0.032, dataset_size=1000)
+    assert r["epsilon_add_remove"] == accounting.epsilon(1.5, 200, 1e-5, sampling=poisson,
+                                                         relation=accounting.AddRemove(), resolution=1e-3)
+    assert r["epsilon_add_remove"] < r["epsilon_image"]
 
 
 def test_privacy_table_is_readable(capsys):
     code, out, _ = run(capsys, "privacy", *SMALL)
     assert code == 0
-    for label in ["p*", "w = q·p*", "ε patch-level", "ε image-level", "ratio"]:
+    for label in ["p*", "w = q·p*", "ε patch-level, substitution", "ε image-level, substitution (paper's baseline)",
+                  "ε image-level, add/remove + Poisson (Opacus/jax-privacy)", "ratio"]:
         assert label in out
 
 

@@ -1,5 +1,5 @@
 """Inclusion probabilities against an independent brute force that enumerates every
-crop offset and every placement, against closed forms, and against SCIENCE.md §5."""
+crop offset and every placement, against closed forms, and against docs/method.md, "Settings to check against"."""
 
 import itertools
 import math
@@ -75,7 +75,7 @@ def test_summed_area_path_agrees_with_rectangle_closed_form(image, crop, pad, pa
 
 
 def test_science_worked_value():
-    # SCIENCE.md §5: 10x10 square, crop 100, 1000x1000 image: p* = 109^2 / 901^2 ≈ 0.0146.
+    # docs/method.md, "Settings to check against": 10x10 square, crop 100, 1000x1000 image: p* = 109^2 / 901^2 ≈ 0.0146.
     p = inclusion_probability((1000, 1000), CropSpec(100), Patch.rectangle(10), exact=True)
     assert p == Fraction(109 * 109, 901 * 901)
     assert abs(float(p) - 0.0146) < 1e-4

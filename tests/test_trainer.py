@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import dp_accounting
 import jax
 import numpy as np
 import pytest
@@ -142,13 +143,16 @@ def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG", name
     saved = json.loads((run_dir / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    for key in ("inclusion_probability", "sampling_rate", "effective_sampling_rate", "epsilon_patch", "epsilon_image"):
+    for key in ("inclusion_probability", "sampling_rate", "effective_sampling_rate", "epsilon_patch", "epsilon_image",
+                "epsilon_add_remove"):
         assert key in saved["privacy"]
     assert saved["privacy"]["epsilon_patch"] < saved["privacy"]["epsilon_image"]
+    assert saved["privacy"]["epsilon_add_remove"] < saved["privacy"]["epsilon_image"]  # Δ = 1 instead of 2
     assert saved["same_epsilon"]["noise_multiplier_image"] > saved["privacy"]["noise_multiplier"]
     assert set(saved["scores"]) == {"miou", "pixel_accuracy"} and "NOT secure" in saved["seed"]
     markdown = (run_dir / "report.md").read_text()
-    for text in ("ε patch-level", "ε image-level", "p*", "w = q·p*", "miou"):
+    for text in ("ε patch-level, substitution", "ε image-level, substitution (paper's baseline)",
+                 "ε image-level, add/remove + Poisson (Opacus/jax-privacy)", "p*", "w = q·p*", "miou"):
         assert text in markdown
     kinds = {r["kind"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert kinds == {"train", "epsilon", "eval"}
@@ -183,7 +187,9 @@ def test_demo_trains_and_prints_the_table(capsys, tmp_path):
             "--eval-examples", "8", "--eval-batch-size", "8", "--resolution", "1e-3", "--run-dir", str(tmp_path)]
     assert main(["demo", *tiny]) == 0
     out = capsys.readouterr().out
-    for text in ("wall time", "miou", "ε patch-level", "ε image-level, same noise", "noise image-level DP needs"):
+    for text in ("wall time", "miou", "ε patch-level, substitution", "ε image-level, substitution (paper's baseline), "
+                 "same noise", "ε image-level, add/remove + Poisson (Opacus/jax-privacy), same noise",
+                 "noise image-level DP needs"):
         assert text in out
     assert (tmp_path / "report.md").exists()
 
@@ -305,6 +311,11 @@ def test_every_epsilon_of_a_resumed_run_is_its_ledgers(finished, tmp_path):
     assert privacy["noise_runs"] == [[1.0, 4], [3.0, 4]] and privacy["noise_multiplier"] is None
     assert privacy["epsilon_patch"] == pytest.approx(truth["patch"], rel=1e-12)
     assert privacy["epsilon_image"] == pytest.approx(truth["image"], rel=1e-12)
+    # add/remove with Poisson sampling at the same rate, composed by dp_accounting itself
+    add_remove = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for z in (1.0, 3.0):
+        add_remove.compose(dp_accounting.PoissonSampledDpEvent(plan.sampling.rate, dp_accounting.GaussianDpEvent(z)), 4)
+    assert privacy["epsilon_add_remove"] == pytest.approx(add_remove.get_epsilon(1e-5), rel=1e-3)
     only_z3 = accounting.epsilon(3.0, 8, 1e-5, sampling=plan.sampling, relation=plan.relation, resolution=1e-3)
     assert truth["patch"] > 1.5 * only_z3  # what the report said before: the config's z times the steps
     epsilons = [r["epsilon"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())

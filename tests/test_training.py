@@ -1,4 +1,4 @@
-"""The DP-SGD step end to end: equal to the pipeline of SCIENCE.md §4 written out by
+"""The DP-SGD step end to end: equal to the pipeline of docs/method.md, "The training step", written out by
 hand, noise of the right size, deterministic, and the same on 8 devices as on 1."""
 
 import json
