@@ -107,7 +107,7 @@ CLI = [
     (["train", "--config", "demo", "--batch-size", "0"], 2, "batch_size must be an integer >= 1, got 0"),
     (["train"], 2, "train needs --config"),
     # legal edge values: a meaningful answer (strict JSON) or one warning line, exit 0
-    (["privacy", *SMALL, "--noise", "0.02"], 0, r"ε patch-level +∞ \(δ = 1e-05 is not reachable"),
+    (["privacy", *SMALL, "--noise", "0.02"], 0, r"ε patch-level, substitution +∞ \(δ = 1e-05 is not reachable"),
     (["privacy", *SMALL, "--noise", "0.02", "--json"], 0, r'"epsilon_patch": null.*"notes"'),
     (["privacy", *SMALL, "--delta", "0.5", "--json"], 0, '"epsilon_ratio": null.*patch-level is 0'),
     (["privacy", *SMALL, "--delta", "0.01"], 0, "warning: delta = 0.01 exceeds 1/N = 1/1000"),
