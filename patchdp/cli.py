@@ -5,6 +5,7 @@
     patchdp inclusion  p* and a heatmap of p(t)
     patchdp train      train a model with patch-level DP-SGD from a config file (--resume RUN_DIR)
     patchdp demo       train the small U-Net on the embedded synthetic scenes, print the numbers
+    patchdp data       prepare a dataset (`data prepare NAME`), or say what to download by hand
 
 Every bad input exits with status 2 and one line on stderr saying what is wrong and how
 to fix it. ``--json`` prints one JSON object instead of the table.
@@ -320,6 +321,13 @@ def cmd_demo(args) -> None:
                               ("evaluated on", f"{count} validation images at full resolution")]))
 
 
+def cmd_data(args) -> None:
+    """`data prepare NAME`: see patchdp.data.prepare."""
+    from patchdp.data.prepare import prepare
+
+    print(prepare(args.name, args.data_dir, source=args.source))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patchdp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -348,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
     _add_override_arguments(p)
     p.set_defaults(run=cmd_demo)
+    from patchdp.data.prepare import NAMES
+    p = sub.add_parser("data", help="prepare a dataset, or say what to download by hand where a licence requires it")
+    p.add_argument("action", choices=("prepare",))
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--data-dir", help="tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets); a2d2: its folder")
+    p.add_argument("--source", help="a2d2 only: the folder camera_lidar_semantic.tar was extracted to")
+    p.set_defaults(run=cmd_data)
     return parser
 
 

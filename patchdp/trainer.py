@@ -213,7 +213,12 @@ def load_dataset(config: Config, split: str) -> Dataset:
     option (A2D2's ``class_list.json``: "#rrggbb" → name) gives the class names and palette."""
     options = dict(config.dataset_options)
     if config.dataset == "folder" and "class_list" in options:
-        classes = json.loads(Path(options.pop("class_list")).expanduser().read_text())
+        path = Path(options.pop("class_list")).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"the class list {path} (dataset_options.class_list) does not exist; for A2D2, "
+                                    f"`patchdp data prepare a2d2 --data-dir {options.get('root')}` says what to "
+                                    "download and checks the folder layout.")
+        classes = json.loads(path.read_text())
         options.update(class_names=list(classes.values()), palette={c: i for i, c in enumerate(classes)})
     return get_dataset(config.dataset, split, **options)
 
