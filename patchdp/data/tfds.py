@@ -139,7 +139,7 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_size:
         prepare(name, data_dir)
     try:
         with quiet_tfds():
-            source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
+            source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
                                       builder_kwargs={"file_format": "array_record"})
     except KeyError as error:  # tfds: the split is unknown or the dataset was never prepared
         manual = f"{spec.manual}, then " if spec.manual else ""
