@@ -34,7 +34,7 @@ class Progress:
 
     Args:
       total: the planned number of steps; start: steps already taken (a resumed run).
-      enabled: False shows nothing but :meth:`write` lines.
+      enabled: False shows nothing but :meth:`write` lines (errors).
       stream: where to write (default ``sys.stderr``); a bar when it is a terminal.
       every_seconds: the interval between plain lines.
       budget: the ε budget shown beside ε spent, or None.
@@ -59,11 +59,15 @@ class Progress:
         else:
             print(text, file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        """One line, as :meth:`write`, unless disabled."""
+        if self.enabled:
+            self.write(text)
+
     def compiling(self) -> None:
         """Call just before the first step."""
         self.compile_started = time.perf_counter()
-        if self.enabled:
-            self.write("patchdp: compiling the private step (XLA, once per run: seconds to minutes) …")
+        self.note("patchdp: compiling the private step (XLA, once per run: seconds to minutes) …")
 
     def update(self, step: int, **values: float | None) -> None:
         """Step ``step`` is done; ``values`` (loss, clipped, epsilon) are the latest known,
@@ -72,8 +76,8 @@ class Progress:
         self.values.update({k: v for k, v in values.items() if v is not None})
         if self.first_done is None:
             self.first_done, self.first_step = now, step
-            if self.enabled and self.compile_started is not None:
-                self.write(f"patchdp: compiled and took the first step in {now - self.compile_started:.1f} s")
+            if self.compile_started is not None:
+                self.note(f"patchdp: compiled and took the first step in {now - self.compile_started:.1f} s")
         if not self.enabled:
             return
         if self.bar is not None:

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from patchdp import accounting, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
@@ -359,13 +360,13 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
                                  count=config.eval_examples)
             scores = metrics.scores(confusion, eval_set.task)
             log.write("eval", step, **scores)
-            shown.write(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             return scores, confusion
 
         step_key, z = seeds.step_keys(), plan.noise_multiplier
         stop_reason = "completed"
-        shown = Progress(plan.steps, start, enabled=progress, budget=plan.budget, description=f"DP-SGD z={z:.3g}")
-        shown.compiling()
+        console = Progress(plan.steps, start, enabled=progress, budget=plan.budget, description=f"DP-SGD z={z:.3g}")
+        console.compiling()
         with Prefetcher(load, range(start, plan.steps)) as batches:
             for t in range(start, plan.steps):
                 if plan.budget is not None and not ledger.can_step(z):
@@ -375,7 +376,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
                     batch = next(batches)
                 except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
                     stop_reason = "poisson overflow"
-                    shown.write(f"patchdp: {error}")
+                    console.write(f"patchdp: {error}")
                     break
                 state, step_metrics = step_fn(state, batch, step_key(t))
                 ledger.step(z)
@@ -387,12 +388,12 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
                 if done % config.epsilon_every == 0:
                     epsilon = ledger.epsilon()
                     log.write("epsilon", done, epsilon=epsilon)
-                shown.update(done, loss=values.get("loss"), clipped=values.get("clipped_fraction"), epsilon=epsilon)
+                console.update(done, loss=values.get("loss"), clipped=values.get("clipped_fraction"), epsilon=epsilon)
                 if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
                     run_eval(done, state.params)
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     checkpoint(done, state)
-        shown.close()
+        console.close()
 
         steps_taken = ledger.steps
         if steps_taken % config.epsilon_every:

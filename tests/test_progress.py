@@ -44,6 +44,7 @@ def test_disabled_shows_nothing_but_written_lines():
     progress = Progress(10, enabled=False, stream=out, every_seconds=0)
     progress.compiling()
     progress.update(1, loss=1.0)
+    progress.note("patchdp: evaluation at step 1")
     progress.write("patchdp: overflow")
     assert out.getvalue() == "patchdp: overflow\n"
 
