@@ -40,14 +40,14 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     python = str(BIN / "python")
     if task == "test":
-        cmd = [python, "-m", "pytest", *rest]
+        cmd = [python, "-P", "-m", "pytest", "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), *(rest or [str(ROOT / "tests")])]
     elif task == "demo":
-        cmd = [python, "-m", "patchdp.cli", "demo", *rest]
+        cmd = [python, "-P", "-m", "patchdp.cli", "demo", *rest]
     elif task == "run":
-        cmd = [python, "-m", "patchdp.cli", *rest]
+        cmd = [python, "-P", "-m", "patchdp.cli", *rest]
     else:
         sys.exit(f"unknown task {task!r}: use 'demo', 'test' or 'run ...'")
-    return subprocess.call(cmd, cwd=ROOT)
+    return subprocess.call(cmd)  # in the caller's directory: relative paths mean what the user meant
 
 
 if __name__ == "__main__":

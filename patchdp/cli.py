@@ -6,6 +6,7 @@
     patchdp train      train a model with patch-level DP-SGD from a config file (--resume RUN_DIR)
     patchdp demo       train the small U-Net on the embedded synthetic scenes, print the numbers
     patchdp export     a shareable model from a run directory (parameters, no secrets)
+    patchdp data       prepare a dataset (`data prepare NAME`), or say what to download by hand
 
 Every bad input exits with status 2 and one line on stderr saying what is wrong and how
 to fix it. ``--json`` prints one JSON object instead of the table.
@@ -331,6 +332,11 @@ def cmd_export(args) -> None:
     out = export_model(args.run_dir, args.out)
     _print({"export": str(out)}, [("exported", f"{out}  (params.npz, model.json; no secrets, no optimizer state)")],
            args.json)
+def cmd_data(args) -> None:
+    """`data prepare NAME`: see patchdp.data.prepare."""
+    from patchdp.data.prepare import prepare
+
+    print(prepare(args.name, args.data_dir, source=args.source))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="folder to write params.npz and model.json into")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_export)
+    from patchdp.data.prepare import NAMES
+    p = sub.add_parser("data", help="prepare a dataset, or say what to download by hand where a licence requires it")
+    p.add_argument("action", choices=("prepare",))
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--data-dir", help="tfds data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets); a2d2: its folder")
+    p.add_argument("--source", help="a2d2 only: the folder camera_lidar_semantic.tar was extracted to")
+    p.set_defaults(run=cmd_data)
     return parser
 
 

@@ -81,7 +81,9 @@ class Config:
     Optimiser: optimizer (``sgd``, ``momentum``, ``adam``), learning_rate, momentum.
     Run: seed (None = secure), name, run_dir (default ``runs/<name>-<time>``),
       eval_every, eval_examples (None = the whole split), eval_batch_size,
-      checkpoint_every, log_every, epsilon_every (ε costs ~0.1–0.5 s to refresh).
+      checkpoint_every, log_every, epsilon_every (ε costs ~0.1–0.5 s to refresh),
+      tensorboard (also write the logged metrics as TensorBoard event files in
+      ``<run_dir>/tensorboard``: ``tensorboard --logdir runs``).
     """
 
     model: str = "unet"
@@ -126,6 +128,7 @@ class Config:
     checkpoint_every: int = 500
     log_every: int = 10
     epsilon_every: int = 100
+    tensorboard: bool = True
 
     def __post_init__(self):
         from patchdp.data import DATASET_NAMES, dataset_options  # imported here: flax and tfds are slow
@@ -189,6 +192,7 @@ class Config:
         _optional(_integer, "eval_examples", self.eval_examples, 1)
         for key in ("eval_batch_size", "log_every", "epsilon_every"):
             _integer(key, getattr(self, key), 1)
+        _boolean("tensorboard", self.tensorboard)
 
     # ------------------------------------------------------------------ derived objects
 

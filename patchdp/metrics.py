@@ -26,7 +26,7 @@ import numpy as np
 
 from patchdp.data.dataset import IGNORE_LABEL
 
-__all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "accuracy", "scores"]
+__all__ = ["confusion_matrix", "iou_per_class", "mean_iou", "accuracy", "scores", "per_class"]
 
 
 def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int, *,
@@ -80,3 +80,16 @@ def scores(confusion, task: str) -> dict[str, float]:
     if task == "classification":
         return {"accuracy": accuracy(confusion)}
     raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}.")
+
+
+def per_class(confusion, class_names) -> dict[str, dict]:
+    """Class name → {"iou": IoU_k (NaN when class k occurs neither in the labels nor in
+    the predictions), "labelled": Σ_j M[k, j] (entries whose true class is k),
+    "predicted": Σ_i M[i, k] (entries predicted as k)}, in class order; the counts show
+    whether an IoU of 0 comes from a class never predicted or always confused."""
+    m = np.asarray(confusion, np.int64)
+    if m.shape != (len(class_names),) * 2:
+        raise ValueError(f"confusion matrix of shape {m.shape} does not match {len(class_names)} class names.")
+    iou = iou_per_class(m)
+    return {name: {"iou": float(iou[k]), "labelled": int(m[k].sum()), "predicted": int(m[:, k].sum())}
+            for k, name in enumerate(class_names)}

@@ -61,29 +61,66 @@ def _save(fig, path) -> Path:
     return path
 
 
-def training_curves(records: Sequence[Mapping], path, *, title: str = "") -> Path:
+def training_curves(records: Sequence[Mapping], path, *, title: str = "", steps: int | None = None,
+                    budget: float | None = None, delta: float | None = None, accounting: str = "") -> Path:
     """Three panels against the step, from the records of a run's ``metrics.jsonl``:
-    training loss (``kind == "train"``), ε spent (``"epsilon"``) and evaluation scores
-    (``"eval"``)."""
+    training loss (``kind == "train"``), ε spent (``"epsilon"``) under the named
+    ``accounting`` at ``delta``, with the ε ``budget`` as a dashed line, and evaluation
+    scores (``"eval"``, in [0, 1]). Every panel spans steps 0 … ``steps`` (the planned
+    number), so a few evaluation points sit where they were taken."""
     def series(kind, key):
-        rows = [r for r in records if r["kind"] == kind and key in r]
+        rows = [r for r in records if r["kind"] == kind and r.get(key) is not None]
         return [r["step"] for r in rows], [r[key] for r in rows]
 
     score_keys = sorted({k for r in records if r["kind"] == "eval" for k in r} - {"kind", "step"})
+    where = ", ".join(filter(None, (f"{accounting}-level accounting" if accounting else "",
+                                    f"δ = {delta:.3g}" if delta is not None else "")))
     panels = [("training loss", [("loss", series("train", "loss"))]),
-              ("ε spent", [("ε", series("epsilon", "epsilon"))]),
+              (f"ε spent ({where})" if where else "ε spent", [("ε", _from_zero(*series("epsilon", "epsilon")))]),
               ("evaluation", [(k, series("eval", k)) for k in score_keys])]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (name, curves) in zip(axes, panels):
         for label, (x, y) in curves:
             ax.plot(x, y, label=label, marker="o" if len(x) <= 12 else None, ms=4)
         ax.set_xlabel("step")
-        ax.set_title(name)
+        ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-        if len(curves) > 1:
-            ax.legend(fontsize=8)
+        if steps:
+            ax.set_xlim(0, steps * 1.02)
+    if budget is not None:
+        axes[1].axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget ε = {budget:g}")
+        axes[1].set_ylim(0, budget * 1.1)
+    axes[2].set_ylim(0, 1.02)
+    for ax in axes[1:]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _from_zero(steps: list, values: list) -> tuple[list, list]:
+    """ε is 0 before the first step: the curve starts at (0, 0)."""
+    return ([0, *steps], [0.0, *values]) if steps and steps[0] > 0 else (steps, values)
+
+
+def per_class_bars(iou: Mapping[str, float | None], path, *, title: str = "") -> Path:
+    """A horizontal bar per class: its IoU (or accuracy); a class with none (None or NaN:
+    it occurs neither in the labels nor in the predictions) is marked "absent"."""
+    names = list(iou)
+    values = [np.nan if iou[n] is None else float(iou[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.32 * len(names)))
+    rows = np.arange(len(names))
+    ax.barh(rows, np.nan_to_num(values), color="tab:blue")
+    for row, value in zip(rows, values):
+        ax.text(min(value, 0.85) + 0.01 if np.isfinite(value) else 0.01, row,
+                f"{value:.3f}" if np.isfinite(value) else "absent", va="center", fontsize=8)
+    ax.set_yticks(rows, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(title or "per-class IoU")
     return _save(fig, path)
 
 

@@ -29,8 +29,10 @@ run directory; share :func:`patchdp.export.export_model`'s output instead.
 **Outputs** in the run directory: ``config.json`` (what ``--resume`` reads), ``secrets.json``,
 ``metrics.jsonl`` (one record per line: ``kind`` = ``train`` with loss and clipped
 fraction every ``log_every`` steps, ``epsilon`` every ``epsilon_every`` steps, ``eval``
-with the scores), ``checkpoints/``, ``report.json`` and ``report.md``, and
-``curves.png``, ``predictions.png``, ``inclusion.png``.
+with the scores), the same numbers as TensorBoard event files in ``tensorboard/`` (config
+``tensorboard``), ``checkpoints/``, ``report.json`` and ``report.md`` (with per-class IoU
+and a link to every figure), and ``curves.png``, ``per_class.png``, ``predictions.png``,
+``inclusion.png``. Progress goes to stderr (:mod:`patchdp.progress`).
 
 **Evaluation** runs the model on whole images of the held-out split, at full resolution
 (the segmentation models are fully convolutional and the classifiers pool globally), in
@@ -62,14 +64,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from patchdp import accounting, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
 from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher, get_dataset
+from patchdp.events import EventWriter
 from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probability
 from patchdp.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_params, merge_params
+from patchdp.progress import Progress
 from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
 
 __all__ = ["Plan", "Seeds", "RunDirectoryError", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
@@ -211,7 +214,12 @@ def load_dataset(config: Config, split: str) -> Dataset:
     option (A2D2's ``class_list.json``: "#rrggbb" → name) gives the class names and palette."""
     options = dict(config.dataset_options)
     if config.dataset == "folder" and "class_list" in options:
-        classes = json.loads(Path(options.pop("class_list")).expanduser().read_text())
+        path = Path(options.pop("class_list")).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"the class list {path} (dataset_options.class_list) does not exist; for A2D2, "
+                                    f"`patchdp data prepare a2d2 --data-dir {options.get('root')}` says what to "
+                                    "download and checks the folder layout.")
+        classes = json.loads(path.read_text())
         options.update(class_names=list(classes.values()), palette={c: i for i, c in enumerate(classes)})
     return get_dataset(config.dataset, split, **options)
 
@@ -258,8 +266,9 @@ def make_evaluator(model, num_classes: int, normalization: str) -> Callable:
     return jax.jit(evaluate)
 
 
-def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, count: int | None) -> dict:
-    """Scores on the first ``count`` (default all) examples of ``dataset``."""
+def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, count: int | None) -> np.ndarray:
+    """The confusion matrix (K × K, int64; :mod:`patchdp.metrics`) of the first ``count``
+    (default all) examples of ``dataset``."""
     count = len(dataset) if count is None else min(count, len(dataset))
     starts = range(0, count, batch_size)
 
@@ -274,7 +283,7 @@ def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, 
     with Prefetcher(load, starts) as batches:
         for images, labels in batches:
             total += np.asarray(evaluator(params, images, labels)[0], np.int64)
-    return metrics.scores(total, dataset.task)
+    return total
 
 
 # ============================================================================ the loop
@@ -288,7 +297,8 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
       run_dir: output directory; default ``config.run_dir`` or ``runs/<name>-<time>``.
       resume: continue from the newest readable checkpoint in ``run_dir`` (start afresh if
         none); refused when the config differs from the checkpoint in anything but the noise.
-      progress: show a progress bar (tqdm; hidden when stderr is not a terminal).
+      progress: show progress on stderr: a bar on a terminal, else a plain line every
+        ~10 s (:class:`patchdp.progress.Progress`).
 
     Raises ValueError before writing anything when the run is refused, and
     :class:`RunDirectoryError` when the run directory cannot be written.
@@ -330,7 +340,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
             expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
             label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh)
-        log = _MetricsLog(run_dir / "metrics.jsonl")
+        log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
         log.keep_until(start)
         if mesh is not None:
             state = replicate(state, mesh)
@@ -346,14 +356,17 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
 
         def run_eval(step, params):
-            scores = evaluate(evaluator, params, eval_set, batch_size=config.eval_batch_size, count=config.eval_examples)
+            confusion = evaluate(evaluator, params, eval_set, batch_size=config.eval_batch_size,
+                                 count=config.eval_examples)
+            scores = metrics.scores(confusion, eval_set.task)
             log.write("eval", step, **scores)
-            return scores
+            console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            return scores, confusion
 
         step_key, z = seeds.step_keys(), plan.noise_multiplier
-        stop_reason, postfix = "completed", {}
-        bar = tqdm(total=plan.steps, initial=start, desc=f"DP-SGD z={z:.3g}", unit="step", dynamic_ncols=True,
-                   disable=None if progress else True)
+        stop_reason = "completed"
+        console = Progress(plan.steps, start, enabled=progress, budget=plan.budget, description=f"DP-SGD z={z:.3g}")
+        console.compiling()
         with Prefetcher(load, range(start, plan.steps)) as batches:
             for t in range(start, plan.steps):
                 if plan.budget is not None and not ledger.can_step(z):
@@ -363,36 +376,35 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
                     batch = next(batches)
                 except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
                     stop_reason = "poisson overflow"
-                    tqdm.write(f"patchdp: {error}")
+                    console.write(f"patchdp: {error}")
                     break
                 state, step_metrics = step_fn(state, batch, step_key(t))
                 ledger.step(z)
                 done = t + 1
+                values, epsilon = {}, None
                 if done % config.log_every == 0 or done == plan.steps:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     log.write("train", done, **values)
-                    postfix["loss"] = f"{values['loss']:.3f}"
                 if done % config.epsilon_every == 0:
-                    log.write("epsilon", done, epsilon=ledger.epsilon())
-                    postfix["ε"] = f"{ledger.epsilon():.3g}"
+                    epsilon = ledger.epsilon()
+                    log.write("epsilon", done, epsilon=epsilon)
+                console.update(done, loss=values.get("loss"), clipped=values.get("clipped_fraction"), epsilon=epsilon)
                 if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
                     run_eval(done, state.params)
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     checkpoint(done, state)
-                bar.set_postfix(postfix, refresh=False)
-                bar.update()
-        bar.close()
+        console.close()
 
         steps_taken = ledger.steps
         if steps_taken % config.epsilon_every:
             log.write("epsilon", steps_taken, epsilon=ledger.epsilon())
         checkpoint(steps_taken, state)
         checkpoints.close()
-        scores = run_eval(steps_taken, state.params)
+        scores, confusion = run_eval(steps_taken, state.params)
         result = final_report(config, plan, ledger, stop_reason=stop_reason, scores=scores,
                               secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
         result["run_dir"] = str(run_dir)
-        _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config)
+        _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config, confusion)
         return result
 
 
@@ -483,10 +495,13 @@ def _read_secrets(run_dir: Path) -> Seeds:
 
 
 class _MetricsLog:
-    """``metrics.jsonl``: one JSON record per line, each with ``kind`` and ``step``."""
+    """``metrics.jsonl``: one JSON record per line, each with ``kind`` and ``step``; with
+    ``events``, every number also goes to TensorBoard as ``<kind>/<key>`` (``epsilon``
+    as itself). A resumed run appends a new event file; TensorBoard shows the newest
+    value of a step."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, events: EventWriter | None = None):
+        self.path, self.events = path, events
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -501,6 +516,9 @@ class _MetricsLog:
     def write(self, kind: str, step: int, **values) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(_strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
+        if self.events is not None:
+            self.events.scalars(step, {(kind if key == kind else f"{kind}/{key}"): value for key, value in values.items()
+                                       if isinstance(value, (int, float)) and math.isfinite(value)})
 
 
 # ============================================================================ report
@@ -656,14 +674,32 @@ def markdown(result: dict) -> str:
 
 
 def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict], evaluator, params,
-                   eval_set: Dataset, config: Config) -> None:
-    (run_dir / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    (run_dir / "report.md").write_text(markdown(result))
-    plots.training_curves(records, run_dir / "curves.png", title=f"{config.name}: {config.model} on {config.dataset}")
+                   eval_set: Dataset, config: Config, confusion: np.ndarray) -> None:
+    """The figures, then ``report.json`` (with ``per_class``, from the final evaluation's
+    ``confusion`` matrix) and ``report.md`` (the report, a per-class table and a link to
+    every figure). Adds ``per_class`` to ``result``."""
+    result["per_class"] = _strict(metrics.per_class(confusion, eval_set.class_names))
+    name = f"{config.name}: {config.model} on {config.dataset}"
+    figures = {"training curves": plots.training_curves(
+        records, run_dir / "curves.png", title=name, steps=plan.steps, budget=plan.budget, delta=plan.delta,
+        accounting=config.accounting)}
+    figures["per-class IoU"] = plots.per_class_bars({k: c["iou"] for k, c in result["per_class"].items()},
+                                                    run_dir / "per_class.png", title=f"per-class IoU, step {result['steps']}")
     shown = eval_set.get_batch(np.minimum(np.arange(config.eval_batch_size), len(eval_set) - 1))  # eval's shape
     predictions = np.asarray(evaluator(params, shown["image"], shown["label"])[1])
-    plots.prediction_grid(shown["image"][:OVERLAY_IMAGES], shown["label"][:OVERLAY_IMAGES],
-                          predictions[:OVERLAY_IMAGES], run_dir / "predictions.png", class_names=eval_set.class_names)
+    figures["predictions"] = plots.prediction_grid(
+        shown["image"][:OVERLAY_IMAGES], shown["label"][:OVERLAY_IMAGES], predictions[:OVERLAY_IMAGES],
+        run_dir / "predictions.png", class_names=eval_set.class_names)
     title = f"p(t): {plan.patch.name}, crops {plan.crop.sizes[0][0]}x{plan.crop.sizes[0][1]}"
-    plots.inclusion_heatmap(inclusion_map(plan.image_shape, plan.crop, plan.patch), run_dir / "inclusion.png",
-                            title=f"{title}, padding {plan.crop.padding}; p* = {plan.inclusion_probability:.4g}")
+    figures["inclusion probability p(t)"] = plots.inclusion_heatmap(
+        inclusion_map(plan.image_shape, plan.crop, plan.patch), run_dir / "inclusion.png",
+        title=f"{title}, padding {plan.crop.padding}; p* = {plan.inclusion_probability:.4g}")
+    (run_dir / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    counted = "pixels" if eval_set.task == "segmentation" else "images"
+    lines = ["", f"## Per class (final evaluation; {counted} labelled as / predicted as the class)", "",
+             f"| class | IoU | labelled {counted} | predicted {counted} |", "|---|---|---|---|"]
+    lines += [f"| {k} | {report.shown(c, 'iou', '.4f')} | {c['labelled']} | {c['predicted']} |"
+              for k, c in result["per_class"].items()]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{caption}]({path.relative_to(run_dir)})\n" for caption, path in figures.items()]
+    (run_dir / "report.md").write_text(markdown(result) + "\n".join(lines) + "\n")

@@ -108,3 +108,25 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, match):
     assert err.startswith("patchdp: error: ")
     import re
     assert re.search(match, err), err
+
+
+def test_data_prepare_says_what_it_did_or_what_to_download_in_one_line(capsys, tmp_path):
+    assert main(["data", "prepare", "synthetic"]) == 0
+    assert "nothing to prepare" in capsys.readouterr().out
+    assert main(["data", "prepare", "cityscapes", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cityscapes-dataset.com" in err and f"{tmp_path}/downloads/manual/" in err
+    assert main(["data", "prepare", "a2d2", "--data-dir", str(tmp_path / "a2d2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a2d2.audi" in err and "class_list.json" in err
+
+
+def test_dev_py_runs_commands_in_the_callers_directory():
+    """`python3 dev.py run inclusion --heatmap x.png` must write x.png where the user is."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "dev.py").read_text()
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", "") in ("call", "run", "check_call") and getattr(n.func.value, "id", "") == "subprocess"]
+    assert calls and not any(k.arg == "cwd" for call in calls for k in call.keywords)

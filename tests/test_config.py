@@ -83,6 +83,7 @@ def test_command_line_values_read_as_toml(text, value):
     (dict(patch="hexagon:3"), "patch: unknown patch"),
     (dict(patch="missing.npy"), "patch: patch mask file missing.npy does not exist"),
     (dict(flip="yes"), "flip must be true or false"),
+    (dict(tensorboard=1), "tensorboard must be true or false"),
     (dict(seed=-1), "seed"),
     (dict(seed=2**64), "seed must be below 2\\*\\*63"),
     (dict(learning_rate=0), "learning_rate"),

@@ -3,6 +3,7 @@ serves tfds.data_source without TensorFlow), the folder loader on generated PNGs
 the prefetcher."""
 
 import itertools
+import json
 import threading
 
 import numpy as np
@@ -12,7 +13,10 @@ from PIL import Image
 from patchdp.data import (
     IGNORE_LABEL, SENSITIVE_CLASS, SENSITIVE_SIZE, Prefetcher, SyntheticScenes, get_dataset, load_folder, load_tfds,
 )
+from patchdp.config import Config, config_path
 from patchdp.data.dataset import resize_image
+from patchdp.data.prepare import prepare
+from patchdp.trainer import load_dataset
 from patchdp.data.tfds import CITYSCAPES_TRAIN_IDS, DATASETS, lookup_table
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -133,11 +137,96 @@ def test_label_tables():
     assert sorted(table[table != IGNORE_LABEL]) == list(range(19))
 
 
-def test_missing_tfds_data_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cityscapes-dataset.com"):
+def test_missing_tfds_data_says_how_to_prepare_it(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="cityscapes-dataset.com") as error:
         load_tfds("cityscapes", "train", data_dir=str(tmp_path))
+    assert f"`patchdp data prepare cityscapes --data-dir {tmp_path}`" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()], "tfds's warning is dropped"
     with pytest.raises(ValueError, match="load_folder"):
         load_tfds("voc", "train")
+
+
+def test_prepare_builds_with_tfds_and_then_the_data_loads(tmp_path, mock_tfds):
+    assert prepare("mnist", str(tmp_path)).startswith("mnist: prepared in ")
+    assert len(load_tfds("mnist", "train", data_dir=str(tmp_path), download=True)) == 4
+
+
+def test_prepare_says_in_one_line_what_building_needs(tmp_path, monkeypatch):
+    def no_tensorflow(self, **kwargs):
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_tensorflow)
+    for call in (lambda: prepare("dtd", str(tmp_path)),
+                 lambda: load_tfds("mnist", "train", data_dir=str(tmp_path), download=True)):
+        with pytest.raises(ValueError, match=r"needs tensorflow.*pip install 'patchdp\[data\]'.*patchdp data prepare") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_prepare_cityscapes_names_the_manual_download(tmp_path):
+    (tmp_path / "downloads/manual").mkdir(parents=True)
+    (tmp_path / "downloads/manual/gtFine_trainvaltest.zip").touch()
+    with pytest.raises(ValueError, match=r"cityscapes-dataset.com, download leftImg8bit_trainvaltest.zip into"):
+        prepare("cityscapes", str(tmp_path))
+    assert prepare("synthetic").startswith("synthetic: nothing to prepare")
+    with pytest.raises(ValueError, match="unknown dataset 'voc'"):
+        prepare("voc")
+
+
+def make_a2d2_archive(source, drives, rng):
+    """A miniature camera_lidar_semantic folder: 2 frames per drive, colour-coded labels."""
+    (source / "class_list.json").parent.mkdir(parents=True, exist_ok=True)
+    (source / "class_list.json").write_text(json.dumps({"#ff0000": "Car 1", "#00ff00": "Sky"}))
+    for drive in drives:
+        for n in range(2):
+            label = np.where(rng.random((4, 6, 1)) < 0.5, [255, 0, 0], [0, 255, 0]).astype(np.uint8)
+            write_png(source / f"{drive}/label/cam_front_center/{drive}_label_frontcenter_{n:09d}.png", label)
+            write_png(source / f"{drive}/camera/cam_front_center/{drive}_camera_frontcenter_{n:09d}.png",
+                      rng.integers(0, 256, (4, 6, 3), dtype=np.uint8))
+    return source
+
+
+def test_a2d2_is_linked_into_the_folder_layout_and_loads(tmp_path):
+    drives = [f"2018080{i}_000000" for i in range(11)]
+    source = make_a2d2_archive(tmp_path / "camera_lidar_semantic", drives, np.random.default_rng(0))
+    root = tmp_path / "a2d2"
+    with pytest.raises(ValueError, match=r"not an A2D2 folder: no .*class_list.json.*a2d2.audi.*--source"):
+        prepare("a2d2", str(root))
+    assert prepare("a2d2", str(root), source=str(source)) == (
+        f"a2d2: ready in {root}: 18 training and 4 validation images.")  # drives 0 and 10 validate
+    config = Config(dataset="folder", noise_multiplier=1.0, crop=4, dataset_options={
+        "root": str(root), "class_list": str(root / "class_list.json")})
+    train, validation = load_dataset(config, "train"), load_dataset(config, "validation")
+    assert (len(train), len(validation), train.class_names) == (18, 4, ("Car 1", "Sky"))
+    first = validation.get_batch(np.array([0]))
+    label_png = np.asarray(Image.open(source / drives[0] / "label/cam_front_center" / f"{drives[0]}_label_frontcenter_000000000.png"))
+    np.testing.assert_array_equal(first["label"][0], np.where(label_png[..., 0] == 255, 0, 1))
+    with pytest.raises(ValueError, match="no A2D2 label images"):
+        prepare("a2d2", str(root), source=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["mnist_resnet18", "dtd_resnet18", "cityscapes_deeplabv3plus", "cityscapes_pspnet",
+                                  "a2d2_deeplabv3plus"])
+def test_every_shipped_config_without_its_data_says_in_one_line_how_to_get_it(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the a2d2 config's data/a2d2 is relative
+    config = Config.from_toml(config_path(name))
+    if config.dataset != "folder":
+        config = config.replace(dataset_options={**config.dataset_options, "data_dir": str(tmp_path)})
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        load_dataset(config, config.train_split)
+    assert "patchdp data prepare" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_digits_are_real_images_shipped_by_scikit_learn():
+    pytest.importorskip("sklearn")
+    train, validation = get_dataset("digits", "train"), get_dataset("digits", "validation")
+    assert (len(train), len(validation), train.task, train.num_classes, train.image_shape) == (
+        1440, 357, "classification", 10, (8, 8, 1))
+    batch = train.get_batch(np.arange(10))
+    assert batch["image"].dtype == np.uint8 and batch["image"].max() == 255 and batch["image"].min() == 0
+    np.testing.assert_array_equal(batch["label"], np.arange(10))  # scikit-learn's first ten are 0..9
+    assert np.bincount(validation.get_batch(np.arange(357))["label"], minlength=10).min() > 20
 
 
 # ---------------------------------------------------------------- folder

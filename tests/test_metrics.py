@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from patchdp.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou, scores
+from patchdp.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou, per_class, scores
 
 LABELS = np.array([[[0, 1, 255], [2, 2, 1]]])       # (1, 2, 3); one ignored pixel
 PREDICTIONS = np.array([[[0, 2, 1], [2, 1, 1]]])
@@ -63,3 +63,22 @@ def test_empty_and_bad_inputs():
     assert math.isnan(mean_iou(np.zeros((3, 3)))) and math.isnan(accuracy(np.zeros((3, 3))))
     with pytest.raises(ValueError, match="task"):
         scores(BY_HAND, "detection")
+
+
+def test_per_class_counts_and_iou_by_brute_force():
+    """Per class k, from the raw labels: IoU = |y=k ∧ p=k| / |y=k ∨ p=k| over scored pixels."""
+    rng = np.random.default_rng(4)
+    labels = rng.choice([0, 1, 2, 255], size=(3, 9, 9), p=[0.5, 0.3, 0.1, 0.1])
+    predictions = rng.choice([0, 1], size=(3, 9, 9))  # class 2 never predicted; class 3 absent
+    table = per_class(confusion_matrix(labels, predictions, 4), ["a", "b", "c", "d"])
+    scored = labels != 255
+    for k, name in enumerate("abcd"):
+        y, p = (labels == k) & scored, (predictions == k) & scored
+        assert table[name]["labelled"] == y.sum() and table[name]["predicted"] == p.sum()
+        union = (y | p).sum()
+        if union:
+            assert table[name]["iou"] == pytest.approx((y & p).sum() / union)
+    assert table["c"]["iou"] == 0 and table["c"]["predicted"] == 0 and table["c"]["labelled"] > 0
+    assert math.isnan(table["d"]["iou"]) and table["d"]["labelled"] == table["d"]["predicted"] == 0
+    with pytest.raises(ValueError, match="3 class names"):
+        per_class(np.zeros((4, 4)), ["a", "b", "c"])

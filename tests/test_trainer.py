@@ -26,6 +26,7 @@ from patchdp.cli import main
 from patchdp.config import Config
 from patchdp.data import SyntheticScenes
 from patchdp.metrics import confusion_matrix
+from patchdp.metrics import scores as scores_of
 from patchdp.trainer import Seeds, evaluate, make_plan, train
 
 TINY = """
@@ -93,6 +94,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny, cache):
     steps = ["--steps", "24", "--checkpoint-every", "4"]
     whole = cli("--config", str(tiny), "--run-dir", str(tmp_path / "whole"), *steps, cache_dir=cache)
     assert whole.wait(timeout=180) == 0, whole.stderr.read()[-2000:]
+    progress = whole.stderr.read()  # a pipe, not a terminal: plain progress lines
+    assert "patchdp: compiling the private step" in progress and "patchdp: step 24/24 (100%)  loss " in progress
     killed = cli("--config", str(tiny), "--run-dir", str(tmp_path / "killed"), *steps, cache_dir=cache)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -139,8 +142,13 @@ def test_training_stops_before_a_step_would_exceed_the_budget(budget_run):
 
 def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
     report, run_dir, _, _ = budget_run
-    for name in ("curves.png", "predictions.png", "inclusion.png"):
+    for name in ("curves.png", "per_class.png", "predictions.png", "inclusion.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG", name
+        assert f"]({name})" in (run_dir / "report.md").read_text(), f"report.md links {name}"
+    assert set(report["per_class"]) == {"background", "disc", "box", "stripes", "sensitive"}
+    assert "| sensitive | " in (run_dir / "report.md").read_text()
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
     saved = json.loads((run_dir / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     for key in ("inclusion_probability", "sampling_rate", "effective_sampling_rate", "epsilon_patch", "epsilon_image",
@@ -171,11 +179,27 @@ def test_classification_trains_and_reports_accuracy(tmp_path):
     assert (tmp_path / "predictions.png").exists()
 
 
+def test_real_digits_train_through_the_loader_interface(tmp_path):
+    """scikit-learn's 8x8 digits (real images, no network) through the same loader, step,
+    evaluation and report as every dataset. A smoke test: a few private steps of a tiny
+    CNN do not learn the digits (nor do 60 non-private ones of this global-pooling CNN)."""
+    pytest.importorskip("sklearn")
+    config = Config(model="cnn", model_options={"width": 4, "stages": (1,)}, dataset="digits", crop=6, padding=2,
+                    patch="rect:1x1", batch_size=16, noise_multiplier=1.0, steps=4, seed=0, log_every=1,
+                    eval_batch_size=128, resolution=1e-3, tensorboard=False)
+    report = train(config, run_dir=tmp_path, progress=False)
+    assert report["steps"] == 4 and 0 <= report["scores"]["accuracy"] <= 1
+    assert set(report["per_class"]) == set("0123456789")
+    assert sum(c["labelled"] for c in report["per_class"].values()) == 357  # the whole validation split
+    assert all(np.isfinite(r["loss"]) for r in train_records(tmp_path)) and len(train_records(tmp_path)) == 4
+    assert not (tmp_path / "tensorboard").exists()
+
+
 def test_evaluation_scores_exactly_the_requested_examples():
     """10 of 12 examples in batches of 4: the padded slots of the last batch count nowhere."""
     dataset = SyntheticScenes("validation", num_examples=12, image_size=16)
     all_background = lambda params, images, labels: (confusion_matrix(labels, 0 * labels, 5), None)
-    scores = evaluate(all_background, None, dataset, batch_size=4, count=10)
+    scores = scores_of(evaluate(all_background, None, dataset, batch_size=4, count=10), "segmentation")
     labels = dataset.get_batch(np.arange(10))["label"]
     assert scores["pixel_accuracy"] == pytest.approx(np.mean(labels == 0))
     assert scores["miou"] == pytest.approx(np.mean(labels == 0) / 5)  # IoU 0 for the 4 other classes

@@ -8,6 +8,7 @@ with label 255 = ignore in segmentation. :class:`Prefetcher` loads the next batc
 background thread.
 
 Sources: ``synthetic`` (embedded, generated on the fly: :mod:`patchdp.data.synthetic`),
+``digits`` (scikit-learn's 8×8 digits, real and shipped in its wheel: :mod:`patchdp.data.digits`),
 ``cityscapes``, ``oxford_iiit_pet``, ``mnist``, ``dtd`` (``tfds.data_source``:
 :mod:`patchdp.data.tfds`), ``folder`` (images + label PNGs: :mod:`patchdp.data.folder`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import inspect
 
 from patchdp.data.dataset import IGNORE_LABEL, Dataset, SourceDataset
+from patchdp.data.digits import Digits
 from patchdp.data.folder import load_folder
 from patchdp.data.prefetch import Prefetcher
 from patchdp.data.synthetic import SENSITIVE_CLASS, SENSITIVE_SIZE, SyntheticScenes
@@ -24,16 +26,18 @@ from patchdp.data.tfds import DATASETS as TFDS_DATASETS
 from patchdp.data.tfds import load_tfds
 
 __all__ = [
-    "DATASET_NAMES", "get_dataset", "dataset_options", "Dataset", "SourceDataset", "SyntheticScenes", "load_tfds", "load_folder",
+    "DATASET_NAMES", "get_dataset", "dataset_options", "Dataset", "SourceDataset", "SyntheticScenes", "Digits", "load_tfds", "load_folder",
     "Prefetcher", "IGNORE_LABEL", "SENSITIVE_CLASS", "SENSITIVE_SIZE",
 ]
 
-DATASET_NAMES = ("synthetic", *TFDS_DATASETS, "folder")
+DATASET_NAMES = ("synthetic", "digits", *TFDS_DATASETS, "folder")
 
 
 def _loader(name: str):
     if name == "synthetic":
         return SyntheticScenes
+    if name == "digits":
+        return Digits
     if name == "folder":
         return load_folder
     if name in TFDS_DATASETS:
@@ -50,6 +54,6 @@ def dataset_options(name: str) -> dict:
 
 def get_dataset(name: str, split: str, **kwargs) -> Dataset:
     """The ``split`` of dataset ``name`` (one of :data:`DATASET_NAMES`); ``kwargs`` go to
-    :class:`SyntheticScenes`, :func:`load_tfds` or :func:`load_folder` (``root=...``)."""
+    :class:`SyntheticScenes`, :class:`Digits`, :func:`load_tfds` or :func:`load_folder` (``root=...``)."""
     loader = _loader(name)
     return loader(name, split, **kwargs) if loader is load_tfds else loader(split=split, **kwargs)

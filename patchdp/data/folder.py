@@ -10,7 +10,8 @@ An image and its label pair up by ``<path>/<name>``; every image needs a label a
 versa. Label PNGs hold class ids per pixel (mode ``L``, or ``P`` whose palette indices are
 the ids, as in Pascal VOC), 255 = ignore — or RGB colours translated by ``palette``
 (colours not in it become 255). For A2D2, whose ``class_list.json`` maps ``"#rrggbb"`` to
-class names, link its camera images and labels into this layout and pass::
+class names, ``patchdp data prepare a2d2`` links its archive into this layout
+(:mod:`patchdp.data.prepare`); then pass::
 
     classes = json.load(open("class_list.json"))
     load_folder(root, "train", class_names=list(classes.values()),
@@ -87,7 +88,8 @@ def load_folder(root, split: str, *, class_names: Sequence[str], image_size: tup
     if not images_dir.is_dir() or not labels_dir.is_dir():
         found = sorted(p.name for p in (root / "images").iterdir()) if (root / "images").is_dir() else []
         raise ValueError(f"{root} has no split {split!r}: expected folders {images_dir} and {labels_dir} "
-                         f"(splits found: {found or 'none'}).")
+                         f"(splits found: {found or 'none'}); for A2D2, `patchdp data prepare a2d2 --data-dir {root}` "
+                         "says what to download and checks the layout.")
     images, labels = _files(images_dir, IMAGE_SUFFIXES), _files(labels_dir, (".png",))
     for missing, kind in ((sorted(set(images) - set(labels)), "label"), (sorted(set(labels) - set(images)), "image")):
         if missing:

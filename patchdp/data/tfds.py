@@ -14,20 +14,26 @@ Cityscapes images are 1024×2048 and MNIST 28×28; Oxford pets and DTD vary in s
 need ``image_size=(H, W)`` (see :mod:`patchdp.data.dataset` on resizing).
 
 Nothing is downloaded unless ``download=True``. Prepare each dataset once, in the
-ArrayRecord format that random access needs (building may need TensorFlow; reading does
-not)::
+ArrayRecord format that random access needs::
 
-    tfds build mnist --file_format=array_record [--data_dir DIR]
+    pip install 'patchdp[data]'                 # building needs TensorFlow; reading does not
+    patchdp data prepare mnist [--data-dir DIR]  # = download=True; see patchdp.data.prepare
 
 Cityscapes needs a manual download first: register at https://www.cityscapes-dataset.com,
 put ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` into
 ``DIR/downloads/manual/`` (DIR defaults to ``~/tensorflow_datasets``), then
-``tfds build cityscapes/semantic_segmentation --file_format=array_record``.
+``patchdp data prepare cityscapes``.
+
+tfds logs a warning "Variant folder … has no dataset_info.json" whenever it looks for a
+dataset that is not prepared yet; :func:`quiet_tfds` drops it (the error that follows,
+if any, says what to do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 
@@ -85,6 +91,27 @@ DATASETS = {
 }
 
 
+class _DropVariantFolder(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Variant folder" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """Drops tfds's "Variant folder … has no dataset_info.json" warnings inside."""
+    logger, drop = logging.getLogger("absl"), _DropVariantFolder()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+    """The shell command that prepares dataset ``name``."""
+    return f"patchdp data prepare {name}" + (f" --data-dir {data_dir}" if data_dir else "")
+
+
 def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_size: tuple[int, int] | int | None = None,
               download: bool = False, threads: int = 4) -> SourceDataset:
     """The ``split`` (a tfds split string such as ``"train"``, ``"validation"``,
@@ -92,7 +119,11 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_size:
 
     ``image_size``: (H, W) every image (and label map) is resized to; required for datasets
     whose images differ in size. ``data_dir``: the tfds data directory (default
-    ``~/tensorflow_datasets``). ``download=True`` lets tfds download and prepare the data.
+    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). ``download=True`` first prepares
+    the data as :func:`patchdp.data.prepare.prepare` does (needs ``patchdp[data]``).
+
+    Raises FileNotFoundError, in one line that gives the command to run, when the data
+    are not prepared.
     """
     import tensorflow_datasets as tfds  # imported on use: it is slow to import
 
@@ -103,16 +134,19 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_size:
     size = spec.native_size if image_size is None else image_size_pair(image_size)
     if size is None:
         raise ValueError(f"{name} images differ in size; pass image_size=(H, W) to resize every image.")
+    if download:
+        from patchdp.data.prepare import prepare
+        prepare(name, data_dir)
     try:
-        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=download,
-                                  builder_kwargs={"file_format": "array_record"})
+        with quiet_tfds():
+            source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
+                                      builder_kwargs={"file_format": "array_record"})
     except KeyError as error:  # tfds: the split is unknown or the dataset was never prepared
         manual = f"{spec.manual}, then " if spec.manual else ""
+        where = data_dir or "the tfds data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
         raise FileNotFoundError(
-            f"{name} split {split!r} is not prepared in {data_dir or 'the tfds data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)'} "
-            f"({error}). "
-            f"To prepare it: {manual}run `tfds build {spec.tfds_name} --file_format=array_record"
-            + (f" --data_dir {data_dir}`" if data_dir else "`") + " (or pass download=True).") from error
+            f"{name} split {split!r} is not prepared in {where} ({str(error).strip(chr(34))}). "
+            f"To prepare it: {manual}run `{prepare_command(name, data_dir)}`.") from None
     class_names = spec.class_names or tuple(source.dataset_info.features[spec.label_key].names)
     return SourceDataset(source, spec.decode, task=spec.task, class_names=class_names,
                          image_shape=(*size, spec.channels), resize=image_size is not None, threads=threads)
