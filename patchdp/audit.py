@@ -272,7 +272,7 @@ class AuditResult:
 
     @property
     def flagged(self) -> bool:
-        return self.bound.epsilon > self.epsilon_patch
+        return bool(self.bound.epsilon > self.epsilon_patch)
 
 
 def _accounting_sampling(sampler):
@@ -305,7 +305,7 @@ def audit(*, image_shape, crop: CropSpec, patch: Patch, sampler: FixedSizeSample
         raise ValueError(f"runs must be an integer >= 4 (runs per world), got {runs!r}.")
     sampling = _accounting_sampling(sampler)
     p_star = inclusion_probability(image_shape, crop, patch)
-    claim = lambda relation: accounting.epsilon(noise_multiplier, 1, delta, sampling=sampling, relation=relation)
+    claim = lambda relation: float(accounting.epsilon(noise_multiplier, 1, delta, sampling=sampling, relation=relation))
     if step is None:
         step = canary_step(crop=crop, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                            expected_batch_size=sampler.expected_batch_size)

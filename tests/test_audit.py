@@ -2,6 +2,8 @@
 its canary against the exact p*, and the real step: honest stays below the claim,
 broken mechanisms are flagged."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -117,3 +119,17 @@ def test_broken_mechanism_is_flagged(broken):
     result = _audit(crop, Z, step=step)
     assert result.epsilon_patch == pytest.approx(1.63, abs=0.01)
     assert result.flagged and result.bound.epsilon > result.epsilon_patch + 0.5
+
+
+def test_cli_audit_prints_the_bound_next_to_the_claim(capsys):
+    from patchdp.cli import main
+    assert main(["audit", "--crop", "8", "--runs", "500", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["epsilon_audited"] <= out["epsilon_patch"] < out["epsilon_image"]
+    assert out["runs_per_world"] == 500 and out["flagged"] is False
+
+
+def test_cli_audit_refuses_too_few_runs(capsys):
+    from patchdp.cli import main
+    assert main(["audit", "--runs", "2"]) == 2
+    assert "runs must be an integer >= 4" in capsys.readouterr().err
