@@ -57,7 +57,7 @@ from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map, inclusio
 from patchdp.sampling import FixedSizeSampler, PoissonSampler, SamplingSeed
 from patchdp.training import Batch, TrainState, make_train_step
 
-__all__ = ["CANARY_VALUE", "AuditBound", "AuditResult", "clopper_pearson", "epsilon_lower_bound",
+__all__ = ["CANARY_VALUE", "AuditBound", "AuditResult", "clopper_pearson", "epsilon_lower_bound", "audit_ceiling",
            "canary_datasets", "canary_loss", "canary_step", "audit_scores", "audit"]
 
 CANARY_VALUE = 1000.0
@@ -86,15 +86,22 @@ def clopper_pearson(successes, trials: int, alpha: float, side: str) -> np.ndarr
     raise ValueError(f"side must be 'upper' or 'lower', got {side!r}.")
 
 
-def _epsilons(positives: np.ndarray, negatives: np.ndarray, thresholds: np.ndarray, delta: float,
-              alpha: float) -> np.ndarray:
-    """ln((TPR_low − δ) / FPR_high) of the tests "score > τ ⇒ positive world" for each τ,
-    Clopper–Pearson bounds at alpha/2 each; 0 where TPR_low ≤ δ."""
+def _log_ratio(tpr_low, fpr_high, delta: float) -> np.ndarray:
+    """ln((TPR_low − δ) / FPR_high), and 0 where that is ≤ 0 or TPR_low ≤ δ (no conclusion)."""
+    tpr_low, fpr_high = np.asarray(tpr_low), np.asarray(fpr_high)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps = np.log(np.maximum(tpr_low - delta, 1e-300) / fpr_high)
+    return np.where(tpr_low > delta, eps, 0.0).clip(min=0.0)
+
+
+def _test_bounds(positives: np.ndarray, negatives: np.ndarray, thresholds: np.ndarray, delta: float,
+                 alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ε_lower, TPR_low, FPR_high) of the tests "score > τ ⇒ positive world", one per τ,
+    with Clopper–Pearson bounds at alpha/2 each."""
     above = lambda scores: scores.size - np.searchsorted(np.sort(scores), thresholds, side="right")
     tpr = clopper_pearson(above(positives), positives.size, alpha / 2, "lower")
     fpr = clopper_pearson(above(negatives), negatives.size, alpha / 2, "upper")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(tpr > delta, np.log(np.maximum(tpr - delta, 1e-300) / fpr), 0.0).clip(min=0.0)
+    return _log_ratio(tpr, fpr, delta), tpr, fpr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +112,8 @@ class AuditBound:
       epsilon: the lower bound on ε at ``delta``; holds with probability ≥ ``confidence``.
       delta: the δ it is for.
       confidence: 1 − α.
-      threshold: τ of the test, chosen on the selection half.
+      threshold: τ of the test, chosen on the selection half (on the negated scores
+        for direction "without>").
       direction: "with>" (score > τ ⇒ canary present) or "without>" (scores negated).
       tpr_low, fpr_high: the Clopper–Pearson bounds on the evaluation half.
       runs: (runs without, runs with) the canary, both halves together.
@@ -149,17 +157,35 @@ def epsilon_lower_bound(without, with_canary, delta: float, *, confidence: float
             ("without>", -1.0, select_0, select_1, eval_0, eval_1)):
         pooled = sign * np.concatenate([pos_s, neg_s])
         candidates = np.unique(np.quantile(pooled, np.linspace(0, 1, max_thresholds)))
-        chosen = _epsilons(sign * pos_s, sign * neg_s, candidates, delta, alpha)
+        chosen, _, _ = _test_bounds(sign * pos_s, sign * neg_s, candidates, delta, alpha)
         index = int(np.argmax(chosen))
         if best is None or chosen[index] > best[0]:
             best = chosen[index], direction, candidates[index], sign * pos_e, sign * neg_e
     _, direction, tau, positives, negatives = best
-    above = lambda scores: int(np.sum(scores > tau))
-    tpr = float(clopper_pearson(above(positives), positives.size, alpha / 2, "lower"))
-    fpr = float(clopper_pearson(above(negatives), negatives.size, alpha / 2, "upper"))
-    epsilon = float(_epsilons(positives, negatives, np.array([tau]), delta, alpha)[0])
+    epsilon, tpr, fpr = (float(x[0]) for x in _test_bounds(positives, negatives, np.array([tau]), delta, alpha))
     return AuditBound(epsilon, float(delta), float(confidence), float(tau), direction, tpr, fpr,
                       (without.size, with_canary.size))
+
+
+def audit_ceiling(noise_multiplier: float, rate: float, delta: float, runs: int, *,
+                  confidence: float = 0.95) -> float:
+    """What :func:`epsilon_lower_bound` gives, at best, with ``runs`` per world on the
+    one-step dominating pair itself, (1 − w)·N(0, z²) + w·N(2, z²) vs N(0, z²) with
+    w = ``rate``: the best threshold of either direction, its exact TPR and FPR turned into
+    counts of the evaluation half (runs/2), then the same Clopper–Pearson bounds. The
+    gap between an audit and this ceiling is the auditor's; the gap between the ceiling
+    and the accounted ε is the price of finite runs at this δ.
+    """
+    z, n = noise_multiplier, runs // 2
+    tau = np.linspace(-8 * z, 2 + 8 * z, 20001)
+    null_above = stats.norm.sf(tau / z)
+    canary_above = (1 - rate) * null_above + rate * stats.norm.sf((tau - 2) / z)
+    best = 0.0
+    for tpr, fpr in ((canary_above, null_above), (1 - null_above, 1 - canary_above)):
+        low = clopper_pearson(np.floor(n * tpr), n, (1 - confidence) / 2, "lower")
+        high = clopper_pearson(np.ceil(n * fpr), n, (1 - confidence) / 2, "upper")
+        best = max(best, float(np.max(_log_ratio(low, high, delta))))
+    return best
 
 
 # =========================================================================== the canary mechanism
