@@ -169,12 +169,13 @@ def epsilon_lower_bound(without, with_canary, delta: float, *, confidence: float
 
 def audit_ceiling(noise_multiplier: float, rate: float, delta: float, runs: int, *,
                   confidence: float = 0.95) -> float:
-    """What :func:`epsilon_lower_bound` gives, at best, with ``runs`` per world on the
-    one-step dominating pair itself, (1 − w)·N(0, z²) + w·N(2, z²) vs N(0, z²) with
-    w = ``rate``: the best threshold of either direction, its exact TPR and FPR turned into
-    counts of the evaluation half (runs/2), then the same Clopper–Pearson bounds. The
-    gap between an audit and this ceiling is the auditor's; the gap between the ceiling
-    and the accounted ε is the price of finite runs at this δ.
+    """What :func:`epsilon_lower_bound` can be expected to give at best with ``runs`` per
+    world on the one-step dominating pair itself, (1 − w)·N(0, z²) + w·N(2, z²) vs
+    N(0, z²) with w = ``rate``: for the best threshold of either direction, the exact TPR
+    and FPR become expected counts of the evaluation half (runs/2), then the same
+    Clopper–Pearson bounds. The gap between an audit and this ceiling is the auditor's
+    (one audit may also exceed it by chance); the gap between the ceiling and the
+    accounted ε is the price of finite runs at this δ.
     """
     z, n = noise_multiplier, runs // 2
     tau = np.linspace(-8 * z, 2 + 8 * z, 20001)
