@@ -13,7 +13,7 @@ from patchdp import accounting
 from patchdp.audit import (AuditResult, audit, audit_ceiling, audit_scores, canary_datasets, canary_step, clopper_pearson,
                            epsilon_lower_bound)
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
-from patchdp.sampling import FixedSizeSampler, SamplingSeed
+from patchdp.sampling import FixedSizeSampler, PoissonSampler, SamplingSeed
 
 DELTA = 1e-5
 IMAGE = (16, 16)
@@ -73,21 +73,25 @@ def test_no_difference_gives_no_bound():
     assert epsilon_lower_bound(scores[:2000], scores[2000:], DELTA).epsilon < 0.5
 
 
-def test_canary_is_hit_exactly_with_probability_q_times_p_star():
-    """Noise-free step with q = 1/2 and padding: without the canary every run scores the
-    same; with it, the canary's gradient flips by 2C in a fraction q·p* of runs, p* computed
-    independently by ``inclusion_probability``."""
+@pytest.mark.parametrize("sampler", [FixedSizeSampler(dataset_size=8, batch_size=4),
+                                     PoissonSampler(dataset_size=8, sampling_rate=0.5)], ids=["fixed", "poisson"])
+def test_canary_is_hit_exactly_with_probability_q_times_p_star(sampler):
+    """Noise-free step, q = 1/2, padding 2. The same batches and keys on D and D' (the
+    same key, seed and world index): the canary's clipped gradient flips from −C to +C,
+    i.e. the score rises by 2C/E[B], in a fraction q·p* of runs, p* computed independently
+    by ``inclusion_probability``; nothing else changes."""
     crop, patch = CropSpec(6, padding=2), Patch.rectangle(2, 3)
-    sampler = FixedSizeSampler(dataset_size=8, batch_size=4)
     without, with_canary, _ = canary_datasets(IMAGE, crop, patch, sampler.dataset_size)
     step = canary_step(crop=crop, noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
-    runs = 20_000
-    s0, s1 = audit_scores(step, (without, with_canary), sampler, runs=runs, key=jax.random.key(0),
-                          seed=SamplingSeed.fixed(0))
-    np.testing.assert_array_equal(s0, -1.0)  # four examples, each −C, over E[B] = 4
-    assert set(np.unique(s1)) <= {-1.0, -0.5}  # the canary's −C became +C
+    runs = 10_000
+    coupled = dict(runs=runs, key=jax.random.key(0), seed=SamplingSeed.fixed(0))
+    (s0,), (s1,) = (audit_scores(step, (world,), sampler, **coupled) for world in (without, with_canary))
+    if isinstance(sampler, FixedSizeSampler):
+        np.testing.assert_array_equal(s0, -1.0)  # four examples, each −C, over E[B] = 4
+    hits = s1 - s0
+    assert set(np.unique(hits)) <= {0.0, 0.5}
     rate = 0.5 * inclusion_probability(IMAGE, crop, patch)
-    assert stats.binomtest(int(np.sum(s1 == -0.5)), runs, rate).pvalue > 1e-3
+    assert stats.binomtest(int(np.sum(hits == 0.5)), runs, rate).pvalue > 1e-3
 
 
 Z = 2.0
