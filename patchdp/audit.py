@@ -14,20 +14,21 @@ relation). The adversary chooses the worst case the guarantee must cover:
   inclusion probability p* (``patchdp.inclusion.inclusion_map``);
 - the model: one scalar parameter θ with the linear loss
   ``θ · (max(crop) − 1) · 1000 C`` (:func:`canary_loss`). Its gradient is −1000 C for
-  a crop of zeros and ≥ +1000 C for a crop that contains a canary pixel (with K crops
+  a crop of zeros and far above +C for a crop that contains a canary pixel (with K crops
   per example: if any of them does), so after clipping to C every example contributes
   exactly −C, except the canary example when its crop hits the patch: +C;
 - the observation: the parameter after one step from θ = 0 with SGD (learning rate 1);
   the score is the update −θ₁ = (S + N(0, (zC)²)) / E[B], S the clipped-gradient sum.
 
-So under D the score is always (−B·C + noise)/E[B], and under D' the canary's gradient
-flips by 2C exactly when it is sampled and its crop hits the patch: the one-step
-mechanism realises the accountant's dominating pair (1 − w)·N(0, z²) + w·N(2, z²)
-against N(0, z²), w = q·p*, and the audit can be tight.
+So under D the score is (−(batch size)·C + noise)/E[B], and under D' the canary's
+gradient flips by 2C exactly when it is sampled and its crop hits the patch: the
+one-step mechanism realises the accountant's dominating pair (1 − w)·N(0, z²) + w·N(2, z²)
+against N(0, z²), w = q·p* (exactly so for fixed-size batches), and the audit can
+approach the accounted ε as the number of runs grows.
 
 **The bound** (Jagielski et al. 2020; Nasr et al. 2021). For any threshold τ, an
-(ε, δ)-DP mechanism satisfies TPR ≤ e^ε·FPR + δ for the test "score > τ ⇒ D'" (and the
-same with the worlds swapped and the inequality reversed), so
+(ε, δ)-DP mechanism satisfies TPR ≤ e^ε·FPR + δ for the test "score > τ ⇒ D'" (and
+for "score < τ ⇒ D", the worlds swapped), so
 
     ε ≥ ln((TPR − δ) / FPR).
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 
 import jax
@@ -214,9 +214,11 @@ def canary_loss(clip_norm: float):
     """The adversary's per-example loss ``loss(params, image, label)`` for one crop:
     ``θ · (max(image) − 1) · 1000 C``, θ = ``params`` (a float32 scalar).
 
-    Its gradient is −1000 C on a crop without canary pixels and ≥ +(CANARY_VALUE/K − 2)·1000 C
-    when one of the example's K crops contains one (their losses are averaged), so the
-    clipped gradient is exactly ∓C: a flip of 2C, the substitution sensitivity.
+    Its gradient is −1000 C on a crop without canary pixels and, when at least one of the
+    example's K crops contains one (their losses are averaged), at least
+    (CANARY_VALUE/K − 1)·1000 C > C for K < 500; so the clipped gradient is exactly ∓C:
+    a flip of 2C, the substitution sensitivity. (A resized crop that blends a canary
+    pixel below value 1 counts as a miss: the audit can only get weaker, never invalid.)
     """
 
     def loss(params, image, label):
