@@ -14,13 +14,6 @@ from patchdp import accounting
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
 
 
-def steps_for_epochs(epochs: float, sampling: accounting.Sampling) -> int:
-    """Steps that make ``epochs`` passes in expectation: ceil(epochs / q)."""
-    if not (epochs > 0) or not math.isfinite(epochs):
-        raise ValueError(f"epochs must be > 0, got {epochs}.")
-    return max(1, math.ceil(epochs / sampling.rate - 1e-9))
-
-
 def _rates(image_shape, crop: CropSpec, patch: Patch, sampling: accounting.Sampling) -> dict:
     p_star = inclusion_probability(image_shape, crop, patch)
     return {"inclusion_probability": p_star, "sampling_rate": sampling.rate,
