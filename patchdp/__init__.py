@@ -5,7 +5,8 @@ for one example of each. One :class:`CropSpec` drives both the on-device crops a
 accountant's inclusion probability p*; one sampling object (:class:`FixedSizeSampling`,
 :class:`PoissonSampling`) both draws the batches and gives the accountant its rate q.
 
-- crops and inclusion: ``CropSpec``, ``Patch``, ``inclusion_probability``, ``inclusion_map``
+- crops and inclusion: ``CropSpec``, ``Patch``, ``inclusion_probability``, ``inclusion_map``,
+  ``crop``, ``crop_batch`` (the random crops, on device)
 - sampling schemes: ``FixedSizeSampling``, ``PoissonSampling``, ``SamplingSeed``
 - relations (what is protected): ``PatchLevel``, ``ImageLevel``, ``AddRemove``,
   ``GaussianAugmentation``
@@ -30,6 +31,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _HOMES = {
     "patchdp.inclusion": ("CropSpec", "Patch", "inclusion_probability", "inclusion_map"),
+    "patchdp.crops": ("crop", "crop_batch"),
     "patchdp.sampling": ("FixedSizeSampling", "PoissonSampling", "SamplingSeed"),
     "patchdp.accounting": ("PatchLevel", "ImageLevel", "AddRemove", "GaussianAugmentation", "epsilon", "delta",
                            "privacy_profile", "numerical_floor", "calibrate_noise", "max_steps", "Ledger"),
