@@ -15,26 +15,12 @@ import argparse
 import secrets
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from own_loop import CNN, synthetic  # the same tiny CNN and synthetic data as examples/own_loop.py
 
 import patchdp
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(8, (3, 3))(x)))
-        return nn.Dense(2)(x.mean(axis=(1, 2)))
-
-
-def synthetic(n, size, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    images = rng.normal(0, 1, (n, size, size, 1)) + 1.0 * labels[:, None, None, None]
-    return images.astype(np.float32), labels.astype(np.int32)
 
 
 def main(quick: bool) -> int:

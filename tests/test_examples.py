@@ -11,6 +11,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def run(name, monkeypatch, capsys) -> str:
     monkeypatch.setattr(sys, "argv", [name, "--quick"])
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as when the script runs: its folder on the path
     try:
         runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     except SystemExit as exit_:
