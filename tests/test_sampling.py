@@ -139,3 +139,15 @@ def test_steps_for_epochs_is_ceil_epochs_over_q(rate, epochs, steps):
     assert PoissonSampling(rate=rate).steps_for_epochs(epochs) == steps
     with pytest.raises(ValueError, match="epochs"):
         PoissonSampling(rate=rate).steps_for_epochs(0)
+
+
+@pytest.mark.parametrize("scheme", [FixedSizeSampling(batch_size=32, dataset_size=1000),
+                                    PoissonSampling(rate=0.03, dataset_size=1000, multiple_of=16)])
+def test_the_ledger_serialises_the_one_scheme_object(scheme):
+    import json
+    from patchdp import accounting
+    ledger = accounting.Ledger(sampling=scheme, relation=accounting.ImageLevel(), delta=1e-5, resolution=1e-2)
+    state = json.loads(json.dumps(ledger.to_dict()))
+    restored = accounting.Ledger.from_dict(state).sampling
+    assert restored == scheme and restored.padded_size == scheme.padded_size
+    np.testing.assert_array_equal(restored.sample(SEED, 3).indices, scheme.sample(SEED, 3).indices)
