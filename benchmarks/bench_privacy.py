@@ -82,13 +82,13 @@ def main():
         print(f"{name:12s} 1024x2048, crop 505: patchdp {t * 1e3:7.1f} ms (target < 100 ms)")
 
     print("\n== accounting ==")
-    city = dict(sampling=acc.FixedSizeSampling(200, 2975), relation=acc.PatchLevel(0.329))
+    city = dict(sampling=acc.FixedSizeSampling(batch_size=200, dataset_size=2975), relation=acc.PatchLevel(0.329))
     start = time.perf_counter()
     z = acc.calibrate_noise(8.0, 1e-5, 1500, **city)
     t_cal = time.perf_counter() - start
     print(f"calibrate z for ε = 8, δ = 1e-5, T = 1500 (Cityscapes-like): {t_cal:.2f} s "
           f"(target ≤ 2 s) → z = {z:.4f}")
-    long = dict(sampling=acc.FixedSizeSampling(100, 10 ** 5), relation=acc.PatchLevel(0.0146))
+    long = dict(sampling=acc.FixedSizeSampling(batch_size=100, dataset_size=10 ** 5), relation=acc.PatchLevel(0.0146))
     acc._single_step.cache_clear()
     start = time.perf_counter()
     eps = acc.epsilon(1.0, 10 ** 5, 1e-5, **long)

@@ -31,11 +31,10 @@ from common import RESULTS, write_rows  # noqa: E402
 from patchdp import accounting, plots  # noqa: E402
 from patchdp.audit import audit, audit_ceiling, canary_step  # noqa: E402
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability  # noqa: E402
-from patchdp.sampling import FixedSizeSampler, SamplingSeed  # noqa: E402
+from patchdp.sampling import SamplingSeed  # noqa: E402
 
 IMAGE = (16, 16)
 PATCH = Patch.rectangle(1)
-SAMPLER = FixedSizeSampler(dataset_size=4, batch_size=4)
 SAMPLING = accounting.FixedSizeSampling(batch_size=4, dataset_size=4)
 Z, CLIP, DELTA = 2.0, 1.0, 1e-5
 CROPS = (4, 6, 8, 16)
@@ -45,7 +44,7 @@ BROKEN_CROP = 4
 def setting(name, crop, step, runs, index, *, z_run=Z, crop_run=None):
     """One audit; ``z_run``/``crop_run``: what the step really does (for its ceiling)."""
     start = time.perf_counter()
-    result = audit(image_shape=IMAGE, crop=CropSpec(crop), patch=PATCH, sampler=SAMPLER, noise_multiplier=Z,
+    result = audit(image_shape=IMAGE, crop=CropSpec(crop), patch=PATCH, sampling=SAMPLING, noise_multiplier=Z,
                    delta=DELTA, runs=runs, clip_norm=CLIP, key=jax.random.key(index),
                    seed=SamplingSeed.fixed(index), step=step)
     row = dict(mechanism=name, crop=crop, inclusion_probability=result.inclusion_probability,

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from patchdp import accounting
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
-from patchdp.report import steps_for_epochs
 
 IMAGE = (1000, 1000)
 SAMPLING = accounting.FixedSizeSampling(batch_size=100, dataset_size=10 ** 5)
-STEPS = steps_for_epochs(100, SAMPLING)
+STEPS = SAMPLING.steps_for_epochs(100)
 DELTA = 1e-5
 NOISE_MULTIPLIERS = (0.5, 1.0, 2.0)
 RESULTS = Path(__file__).resolve().parent / "results"

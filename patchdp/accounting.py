@@ -46,6 +46,9 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import optimize, signal, special
 
+from patchdp import _validation
+from patchdp.sampling import FixedSizeSampling, PoissonSampling, Sampling
+
 __all__ = [
     "FixedSizeSampling", "PoissonSampling", "PatchLevel", "ImageLevel", "AddRemove",
     "GaussianAugmentation", "effective_sampling_rate", "epsilon", "delta",
@@ -67,60 +70,10 @@ _MIN_NOISE, _MAX_NOISE = 1e-100, 1e100  # noise multipliers whose μ = 2/z squar
 # =========================================================================== sampling
 
 
-def _check_rate(name: str, value) -> float:
-    return _check_in(name, value, 0, 1, closed_high=True)
+# FixedSizeSampling and PoissonSampling live in patchdp.sampling: one object per scheme
+# gives both the host sampler and the rate q composed here. Re-exported from this module.
 
 
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class FixedSizeSampling:
-    """Batches of exactly ``batch_size`` examples drawn without replacement from
-    ``dataset_size``, independently at every step (the paper's scheme): q = B / N."""
-
-    batch_size: int
-    dataset_size: int
-
-    def __post_init__(self):
-        _check_count("batch_size", self.batch_size)
-        _check_count("dataset_size", self.dataset_size)
-        if self.batch_size > self.dataset_size:
-            raise ValueError(f"batch_size {self.batch_size} exceeds dataset_size {self.dataset_size}.")
-
-    @property
-    def rate(self) -> float:
-        return self.batch_size / self.dataset_size
-
-    @property
-    def expected_batch_size(self) -> float:
-        return float(self.batch_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class PoissonSampling:
-    """Each example joins each step's batch independently with probability ``rate`` (q).
-    ``dataset_size`` (optional here) gives the expected batch size q·N."""
-
-    rate: float
-    dataset_size: int | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "rate", _check_rate("sampling rate q", self.rate))
-        if self.dataset_size is not None:
-            _check_count("dataset_size", self.dataset_size)
-
-    @property
-    def expected_batch_size(self) -> float:
-        if self.dataset_size is None:
-            raise ValueError("PoissonSampling needs dataset_size for the expected batch size.")
-        return self.rate * self.dataset_size
-
-
-Sampling = Union[FixedSizeSampling, PoissonSampling]
 
 
 # =========================================================================== relations
@@ -136,7 +89,7 @@ class PatchLevel:
 
     def __post_init__(self):
         object.__setattr__(self, "inclusion_probability",
-                           _check_rate("inclusion probability p*", self.inclusion_probability))
+                           _validation.rate("inclusion probability p*", self.inclusion_probability))
 
     @property
     def amplification(self) -> float:
@@ -186,8 +139,8 @@ Relation = Union[PatchLevel, ImageLevel, GaussianAugmentation, AddRemove]
 def _check_setting(sampling, relation) -> None:
     """TypeError unless ``sampling`` and ``relation`` are the objects this module defines."""
     if not isinstance(sampling, (FixedSizeSampling, PoissonSampling)):
-        raise TypeError(f"sampling must be FixedSizeSampling(batch_size, dataset_size) or "
-                        f"PoissonSampling(rate, dataset_size), got {sampling!r}.")
+        raise TypeError(f"sampling must be FixedSizeSampling(batch_size=B, dataset_size=N) or "
+                        f"PoissonSampling(rate=q, dataset_size=N), got {sampling!r}.")
     if not isinstance(relation, (PatchLevel, ImageLevel, GaussianAugmentation, AddRemove)):
         raise TypeError(f"relation must be PatchLevel(inclusion_probability), ImageLevel(), AddRemove() "
                         f"or GaussianAugmentation(...), got {relation!r}.")
@@ -616,22 +569,9 @@ def _kind(relation: Relation) -> str:
     return "add_remove" if isinstance(relation, AddRemove) else "substitution"
 
 
-def _check_in(name: str, value, low: float, high: float, *, closed_high: bool = False) -> float:
-    """float(value) in (low, high) — or (low, high] — else a ValueError naming it
-    (a TypeError if it is not a number)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}.") from None
-    if not (low < value and (value <= high if closed_high else value < high)):
-        interval = f"({low:g}, {high:g}{']' if closed_high else ')'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}.")
-    return value
-
-
 def _check_noise(value) -> float:
     """z > 0, within [_MIN_NOISE, _MAX_NOISE], where one step's losses stay in float64 range."""
-    z = _check_in("noise_multiplier z (noise std / clip norm)", value, 0, math.inf)
+    z = _validation.number("noise_multiplier z (noise std / clip norm)", value, 0, math.inf, low_open=True)
     if not _MIN_NOISE <= z <= _MAX_NOISE:
         raise ValueError(f"noise_multiplier z = {z:g} is outside [{_MIN_NOISE:g}, {_MAX_NOISE:g}], the range "
                          f"the accountant computes in; such noise gives ε = {'∞' if z < _MIN_NOISE else '0'}.")
@@ -640,7 +580,7 @@ def _check_noise(value) -> float:
 
 def _check_delta(value, sampling: Sampling | None = None) -> float:
     """δ in (0, 1); warns when it exceeds 1/N for a known dataset size N."""
-    delta = _check_in("delta", value, 0, 1)
+    delta = _validation.number("delta", value, 0, 1, low_open=True, high_open=True)
     size = getattr(sampling, "dataset_size", None)
     if size is not None and delta > 1 / size:
         warnings.warn(f"delta = {delta:g} exceeds 1/N = 1/{size}: at such a δ, publishing a random example "
@@ -650,11 +590,11 @@ def _check_delta(value, sampling: Sampling | None = None) -> float:
 
 
 def _check_epsilon(value) -> float:
-    return _check_in("epsilon", value, 0, math.inf)
+    return _validation.number("epsilon", value, 0, math.inf, low_open=True)
 
 
 def _check_resolution(value) -> float:
-    return _check_in("resolution (PLD grid spacing in nats)", value, 0, 0.1, closed_high=True)
+    return _validation.number("resolution (PLD grid spacing in nats)", value, 0, 0.1, low_open=True)
 
 
 @functools.lru_cache(maxsize=2)  # a profile and its numerical floor share one composition
@@ -662,7 +602,7 @@ def _composed(noise_multiplier: float, steps: int, sampling: Sampling, relation:
               resolution: float) -> tuple[_PLD, ...]:
     rate = effective_sampling_rate(sampling, relation)
     one = _single_step(_kind(relation), rate, _check_noise(noise_multiplier), _check_resolution(resolution))
-    return tuple(_self_compose(p, _check_count("steps", steps)) for p in one)
+    return tuple(_self_compose(p, _validation.integer("steps", steps)) for p in one)
 
 
 def epsilon(noise_multiplier: float, steps: int, delta: float, *, sampling: Sampling,
@@ -727,7 +667,7 @@ def calibrate_noise(target_epsilon: float, delta: float, steps: int, *, sampling
     target = _check_epsilon(target_epsilon)
     effective_sampling_rate(sampling, relation)
     _check_delta(delta, sampling)
-    _check_count("steps", steps)
+    _validation.integer("steps", steps)
 
     def eps_at(z, res):
         return epsilon(z, steps, delta, sampling=sampling, relation=relation, resolution=res)
@@ -839,7 +779,7 @@ class Ledger:
     def step(self, noise_multiplier: float, count: int = 1) -> None:
         """Records ``count`` steps taken at noise multiplier z."""
         z = _check_noise(noise_multiplier)
-        _check_count("count", count)
+        _validation.integer("count", count)
         if self._runs and self._runs[-1][0] == z:
             self._runs[-1][1] += count
         else:

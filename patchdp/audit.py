@@ -54,7 +54,7 @@ from scipy import stats
 
 from patchdp import accounting
 from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map, inclusion_probability
-from patchdp.sampling import FixedSizeSampler, PoissonSampler, SamplingSeed
+from patchdp.sampling import FixedSizeSampling, PoissonSampling, SamplingSeed
 from patchdp.training import Batch, TrainState, make_train_step
 
 __all__ = ["CANARY_VALUE", "AuditBound", "AuditResult", "clopper_pearson", "epsilon_lower_bound", "audit_ceiling",
@@ -238,16 +238,16 @@ def canary_step(*, crop: CropSpec | None, noise_multiplier: float, clip_norm: fl
                            crop=crop)
 
 
-def audit_scores(step, worlds, sampler: FixedSizeSampler | PoissonSampler, *, runs: int, key: jax.Array,
+def audit_scores(step, worlds, sampling: FixedSizeSampling | PoissonSampling, *, runs: int, key: jax.Array,
                  seed: SamplingSeed, chunk: int = 4096) -> list[np.ndarray]:
     """Runs the mechanism ``runs`` times independently on each dataset of ``worlds``.
 
     Args:
       step: a ``train_step`` of the canary model (:func:`canary_step`).
       worlds: datasets, each a float32 array (N, H, W, 1) (e.g. D and D').
-      sampler: the host batch sampler of training.
+      sampling: the batch sampling of training (its ``sample`` draws the batches).
       runs: runs per dataset.
-      key, seed: run i on dataset j samples batch ``j·runs + i`` with ``sampler`` and
+      key, seed: run i on dataset j samples batch ``j·runs + i`` with ``sampling`` and
         ``seed`` and takes one ``step`` from θ = 0 with key ``fold_in(fold_in(key, j), i)``
         (crops and noise).
       chunk: runs vmapped at once (memory ∝ chunk × padded batch size × H × W).
@@ -260,7 +260,7 @@ def audit_scores(step, worlds, sampler: FixedSizeSampler | PoissonSampler, *, ru
     for world, images in enumerate(worlds):
         world_key, data, parts = jax.random.fold_in(key, world), jnp.asarray(images), []
         for start in range(0, runs, chunk):  # the last chunk is padded to the full size (one compilation)
-            batches = [sampler.sample(seed, world * runs + start + i) for i in range(chunk)]
+            batches = [sampling.sample(seed, world * runs + start + i) for i in range(chunk)]
             keys = jax.vmap(lambda i: jax.random.fold_in(world_key, i))(jnp.arange(start, start + chunk))
             result = _scores(step, data, np.stack([b.indices for b in batches]),
                              np.stack([b.mask for b in batches]), keys)
@@ -304,22 +304,14 @@ class AuditResult:
         return bool(self.bound.epsilon > self.epsilon_patch)
 
 
-def _accounting_sampling(sampler):
-    if isinstance(sampler, FixedSizeSampler):
-        return accounting.FixedSizeSampling(batch_size=sampler.batch_size, dataset_size=sampler.dataset_size)
-    if isinstance(sampler, PoissonSampler):
-        return accounting.PoissonSampling(rate=sampler.sampling_rate, dataset_size=sampler.dataset_size)
-    raise TypeError(f"sampler must be a patchdp.sampling FixedSizeSampler or PoissonSampler, got {sampler!r}.")
-
-
-def audit(*, image_shape, crop: CropSpec, patch: Patch, sampler: FixedSizeSampler | PoissonSampler,
+def audit(*, image_shape, crop: CropSpec, patch: Patch, sampling: FixedSizeSampling | PoissonSampling,
           noise_multiplier: float, delta: float, runs: int, key: jax.Array, seed: SamplingSeed,
           clip_norm: float = 1.0, confidence: float = 0.95, step=None, chunk: int = 4096) -> AuditResult:
     """Audits one DP-SGD step for the patch-level relation of (``crop``, ``patch``).
 
     Args:
       image_shape: (H, W) of the canary images (single channel).
-      crop, patch, sampler, noise_multiplier, clip_norm: the accounted setting; the
+      crop, patch, sampling, noise_multiplier, clip_norm: the accounted setting; the
         claimed ε is ``accounting.epsilon(z, 1, δ, relation=PatchLevel(p*))``.
       delta: δ of the bound and of the claim.
       runs: runs per world (with and without the canary); half of them choose the test.
@@ -332,14 +324,13 @@ def audit(*, image_shape, crop: CropSpec, patch: Patch, sampler: FixedSizeSample
     """
     if isinstance(runs, bool) or not isinstance(runs, numbers.Integral) or runs < 4:
         raise ValueError(f"runs must be an integer >= 4 (runs per world), got {runs!r}.")
-    sampling = _accounting_sampling(sampler)
     p_star = inclusion_probability(image_shape, crop, patch)
     claim = lambda relation: float(accounting.epsilon(noise_multiplier, 1, delta, sampling=sampling, relation=relation))
     if step is None:
         step = canary_step(crop=crop, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                           expected_batch_size=sampler.expected_batch_size)
-    without, with_canary, _ = canary_datasets(image_shape, crop, patch, sampler.dataset_size)
-    scores_0, scores_1 = audit_scores(step, (without, with_canary), sampler, runs=runs, key=key, seed=seed,
+                           expected_batch_size=sampling.expected_batch_size)
+    without, with_canary, _ = canary_datasets(image_shape, crop, patch, sampling.dataset_size)
+    scores_0, scores_1 = audit_scores(step, (without, with_canary), sampling, runs=runs, key=key, seed=seed,
                                       chunk=chunk)
     bound = epsilon_lower_bound(scores_0, scores_1, delta, confidence=confidence)
     return AuditResult(bound, claim(accounting.PatchLevel(p_star)), claim(accounting.ImageLevel()),

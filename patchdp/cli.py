@@ -25,9 +25,10 @@ import time
 import warnings
 from pathlib import Path
 
-from patchdp import accounting, report
+from patchdp import _validation, accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
 from patchdp.inclusion import CropSpec, image_hw, inclusion_map, inclusion_probability
+from patchdp.sampling import FixedSizeSampling, PoissonSampling
 
 # Defaults of the accounting verbs: the paper's Cityscapes setting (docs/method.md, "Settings to check against") with
 # noise std 2 on a clip norm of 2, i.e. z = 1.
@@ -48,17 +49,6 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
-def _size(text: str, what: str) -> tuple[int, int]:
-    """'100' → (100, 100); '100x200' → (100, 200)."""
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-        raise CliError(f"{what} must be N or HxW with positive integers, got {text!r}.")
-    h, w = (int(parts[0]), int(parts[-1]))
-    if h < 1 or w < 1:
-        raise CliError(f"{what} must be positive, got {text!r}.")
-    return h, w
-
-
 def _crop_spec(args) -> CropSpec:
     if args.crop_sizes:
         sizes, probs = [], []
@@ -68,18 +58,18 @@ def _crop_spec(args) -> CropSpec:
                 probs.append(float(prob))
             except ValueError:
                 raise CliError(f"--crop-sizes items are HxW:PROB, got {item!r}.") from None
-            sizes.append(_size(size, "crop size"))
-        output = _size(args.output_size, "--output-size") if args.output_size else None
+            sizes.append(_validation.size("crop size", size))
+        output = _validation.size("--output-size", args.output_size) if args.output_size else None
         return CropSpec(sizes, probabilities=probs, padding=args.padding,
                         crops_per_example=args.crops_per_example, output_size=output)
-    return CropSpec(_size(args.crop, "--crop"), padding=args.padding,
+    return CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
                     crops_per_example=args.crops_per_example)
 
 
 def _sampling(args):
     if args.sampling == "fixed":
-        return accounting.FixedSizeSampling(args.batch_size, args.dataset_size)
-    return accounting.PoissonSampling(args.batch_size / args.dataset_size, args.dataset_size)
+        return FixedSizeSampling(batch_size=args.batch_size, dataset_size=args.dataset_size)
+    return PoissonSampling(rate=args.batch_size / args.dataset_size, dataset_size=args.dataset_size)
 
 
 def _steps(args, sampling) -> int:
@@ -87,7 +77,7 @@ def _steps(args, sampling) -> int:
         if args.steps < 1:
             raise CliError(f"--steps must be >= 1, got {args.steps}.")
         return args.steps
-    return report.steps_for_epochs(args.epochs, sampling)
+    return sampling.steps_for_epochs(args.epochs)
 
 
 def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = True) -> None:
@@ -119,7 +109,7 @@ def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = T
 
 def _setting(args) -> dict:
     sampling = _sampling(args)
-    return dict(image_shape=image_hw(_size(args.image_size, "--image-size")), crop=_crop_spec(args),
+    return dict(image_shape=image_hw(_validation.size("--image-size", args.image_size)), crop=_crop_spec(args),
                 patch=parse_patch(args.patch), sampling=sampling, steps=_steps(args, sampling),
                 delta=args.delta, resolution=args.resolution)
 
@@ -224,7 +214,7 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_inclusion(args) -> None:
-    image = image_hw(_size(args.image_size, "--image-size"))
+    image = image_hw(_validation.size("--image-size", args.image_size))
     crop, patch = _crop_spec(args), parse_patch(args.patch)
     p_star = inclusion_probability(image, crop, patch)
     _warn_if_no_amplification(p_star, image, crop)
@@ -358,11 +348,11 @@ def cmd_audit(args) -> None:
     ε next to the accounted patch- and image-level ε; exits 1 if the bound exceeds the claim."""
     import jax
     from patchdp.audit import audit
-    from patchdp.sampling import FixedSizeSampler, SamplingSeed
+    from patchdp.sampling import FixedSizeSampling, SamplingSeed
     crop = CropSpec(_size(args.crop, "--crop"), padding=args.padding, crops_per_example=args.crops_per_example)
     r = audit(image_shape=image_hw(_size(args.image_size, "--image-size")), crop=crop,
               patch=parse_patch(args.patch), noise_multiplier=args.noise, delta=args.delta, runs=args.runs,
-              sampler=FixedSizeSampler(dataset_size=args.dataset_size, batch_size=args.batch_size),
+              sampling=FixedSizeSampling(dataset_size=args.dataset_size, batch_size=args.batch_size),
               key=jax.random.key(args.seed), seed=SamplingSeed.fixed(args.seed))
     result = {"epsilon_audited": r.bound.epsilon, "confidence": r.bound.confidence,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image,

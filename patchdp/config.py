@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from patchdp import _validation
 from patchdp.inclusion import CropSpec, Patch
 
 __all__ = ["Config", "config_path", "parse_patch", "parse_value", "CONFIG_DIR"]
@@ -153,7 +154,7 @@ class Config:
                                              for i, p in enumerate(_list("crop_probabilities",
                                                                          self.crop_probabilities))))
         if self.output_size is not None:
-            set_("output_size", _size("config: output_size", self.output_size))
+            set_("output_size", _validation.size("config: output_size", self.output_size))
         _integer("padding", self.padding, 0)
         _integer("crops_per_example", self.crops_per_example, 1)
         _boolean("flip", self.flip)
@@ -294,7 +295,7 @@ def parse_patch(text: str) -> Patch:
                              f"with numpy.save.") from None
     kind, _, arg = text.partition(":")
     if kind == "rect":
-        return Patch.rectangle(*_size("rect patch size", arg))
+        return Patch.rectangle(*_validation.size("rect patch size", arg))
     if kind in ("disc", "blob", "cluster"):
         numbers_ = arg.split(":")
         if not all(n.isdigit() for n in numbers_) or not 1 <= len(numbers_) <= (2 if kind == "cluster" else 1):
@@ -335,19 +336,11 @@ def _boolean(name, value):
 
 
 def _integer(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{_where(name)} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
+    return _validation.integer(_where(name), value, minimum)
 
 
 def _number(name, value, low, high, *, low_open=False, high_open=False) -> float:
-    """A real number in the interval (low or [low, high) or high]; returned as float."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{_where(name)} must be a finite number in {interval}, got {value!r}.")
-    return float(value)
+    return _validation.number(_where(name), value, low, high, low_open=low_open, high_open=high_open)
 
 
 def _optional(check, name, value, *args, **kwargs):
@@ -388,24 +381,10 @@ def _list(name, value) -> list:
     return list(value)
 
 
-def _size(what, value) -> tuple[int, int]:
-    """``N`` | ``"N"`` | ``"HxW"`` | ``[H, W]`` → (H, W) of positive ints; errors name ``what``."""
-    if isinstance(value, str):
-        parts = value.lower().split("x")
-        if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
-            value = [int(p) for p in parts]
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = [value, value]
-    if isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in value):
-        return int(value[0]), int(value[-1])
-    raise ValueError(f"{what} must be N, 'HxW' or [H, W] with positive integers, got {value!r}.")
-
-
 def _crop_sizes(value) -> tuple[tuple[int, int], ...]:
     """One crop size (N, 'HxW', [H, W]) or a list of them (a size mixture)."""
     is_pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(
         isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
     if isinstance(value, (list, tuple)) and not is_pair:
-        return tuple(_size(f"config: crop[{i}]", v) for i, v in enumerate(_list("crop", value)))
-    return (_size("config: crop", value),)
+        return tuple(_validation.size(f"config: crop[{i}]", v) for i, v in enumerate(_list("crop", value)))
+    return (_validation.size("config: crop", value),)

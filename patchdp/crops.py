@@ -117,12 +117,17 @@ def crop(spec: CropSpec, key: jax.Array, image: jax.Array, label: jax.Array | No
     Args:
       spec: the crop distribution (sizes, probabilities, padding P, K, output size).
       key: this example's PRNG key.
-      image, label, label_fill: as in :func:`crop_boxes`.
+      image, label, label_fill: as in :func:`crop_boxes`. The example may also come
+        with a leading batch axis of size 1, image (1, H, W, C) and label (1, ...), as
+        ``jax_privacy.clipped_grad`` passes it under its default ``keep_batch_dim=True``;
+        the K crops then replace that axis (same output shapes).
       flip: random horizontal flips after cropping.
 
     Returns:
       (images, labels) of shapes (K, h, w, C) and (K, h, w, ...) / (K, ...) / None.
     """
+    if image.ndim == 4 and image.shape[0] == 1:
+        image, label = image[0], (None if label is None else label[0])
     box_key, flip_key = jax.random.split(key)
     boxes = sample_boxes(spec, box_key, image.shape)
     images, labels = crop_boxes(spec, boxes, image, label, label_fill=label_fill)

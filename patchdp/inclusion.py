@@ -33,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
+from patchdp import _validation
+
 __all__ = [
     "CropSpec",
     "Patch",
@@ -42,30 +44,13 @@ __all__ = [
 ]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
-    return int(value)
-
-
-def _pair(name: str, value) -> tuple[int, int]:
-    """An int or an (height, width) pair of positive ints."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (value, value)
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}.")
-    return _positive_int(f"{name} height", value[0]), _positive_int(f"{name} width", value[1])
-
-
 def image_hw(image_shape) -> tuple[int, int]:
     """(H, W) from an image shape ``(H, W)`` or ``(H, W, C)``, validated."""
     if isinstance(image_shape, (int, np.integer)):
-        return _pair("image size", image_shape)
+        return _validation.size("image size", image_shape)
     if isinstance(image_shape, str) or not isinstance(image_shape, Sequence) or len(image_shape) not in (2, 3):
         raise ValueError(f"image shape must be (H, W) or (H, W, C), got {image_shape!r}.")
-    return _pair("image size", tuple(image_shape[:2]))
+    return _validation.size("image size", tuple(image_shape[:2]))
 
 
 # --------------------------------------------------------------------------- crops
@@ -105,9 +90,9 @@ class CropSpec:
         if isinstance(size, str):
             raise TypeError(f"crop size must be an int, a (height, width) pair or a list of pairs, got {size!r}.")
         if isinstance(size, Sequence) and size and isinstance(size[0], Sequence):
-            sizes = tuple(_pair("crop size", s) for s in size)
+            sizes = tuple(_validation.size("crop size", s) for s in size)
         else:
-            sizes = (_pair("crop size", size),)
+            sizes = (_validation.size("crop size", size),)
         if probabilities is None:
             if len(sizes) != 1:
                 raise ValueError("several crop sizes need `probabilities`, one per size.")
@@ -123,8 +108,7 @@ class CropSpec:
         probabilities = tuple(p / total for p in probabilities)
         if len(set(sizes)) != len(sizes):
             raise ValueError(f"crop sizes must be distinct, got {sizes}; merge their probabilities.")
-        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
-            raise ValueError(f"padding must be a non-negative integer, got {padding!r}.")
+        padding = _validation.integer("padding", padding, 0)
         if output_size is None:
             if len(sizes) != 1:
                 raise ValueError("a crop-size mixture needs `output_size`, the size crops are resized to.")
@@ -132,8 +116,8 @@ class CropSpec:
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "probabilities", probabilities)
         object.__setattr__(self, "padding", int(padding))
-        object.__setattr__(self, "crops_per_example", _positive_int("crops_per_example", crops_per_example))
-        object.__setattr__(self, "output_size", _pair("output size", output_size))
+        object.__setattr__(self, "crops_per_example", _validation.integer("crops_per_example", crops_per_example))
+        object.__setattr__(self, "output_size", _validation.size("output size", output_size))
 
     def offset_ranges(self, image_shape) -> tuple[tuple[int, int], ...]:
         """Number of possible (row, column) offsets, |U| = rows · cols, for each crop size.
@@ -200,20 +184,20 @@ class Patch:
 
     @classmethod
     def rectangle(cls, height: int, width: int | None = None) -> "Patch":
-        h, w = _pair("patch size", (height, height if width is None else width))
+        h, w = _validation.size("patch size", (height, height if width is None else width))
         return cls(np.ones((h, w), bool), f"rect{h}x{w}")
 
     @classmethod
     def disc(cls, diameter: int) -> "Patch":
         """Pixels whose centres lie in the disc of the given diameter."""
-        d = _positive_int("disc diameter", diameter)
+        d = _validation.integer("disc diameter", diameter)
         return cls(_disc(d, d, d / 2, d / 2, d / 2), f"disc{d}")
 
     @classmethod
     def blob(cls, diameter: int) -> "Patch":
         """A crescent: a disc of ``diameter`` minus a disc of the same size whose centre
         is shifted right by ``diameter / 2`` (the paper's irregular-shape example)."""
-        d = _positive_int("blob diameter", diameter)
+        d = _validation.integer("blob diameter", diameter)
         if d < 2:
             raise ValueError("a blob needs diameter >= 2.")
         r = d / 2
@@ -225,7 +209,7 @@ class Patch:
     def cluster(cls, diameter: int, gap: int | None = None) -> "Patch":
         """Two discs of ``diameter`` side by side on a diagonal, ``gap`` pixels apart
         (default: one diameter), e.g. two faces in a group."""
-        d = _positive_int("cluster diameter", diameter)
+        d = _validation.integer("cluster diameter", diameter)
         gap = d if gap is None else gap
         if isinstance(gap, bool) or not isinstance(gap, (int, np.integer)) or gap < 0:
             raise ValueError(f"cluster gap must be a non-negative integer, got {gap!r}.")

@@ -28,8 +28,9 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["add_noise", "noisy_mean", "validate_noise"]
+__all__ = ["add_noise", "gaussian_noise", "noisy_mean", "validate_noise"]
 
 
 def validate_noise(noise_multiplier, clip_norm, expected_batch_size=1.0) -> None:
@@ -77,3 +78,51 @@ def noisy_mean(key: jax.Array, grad_sum, *, noise_multiplier: float, clip_norm: 
     validate_noise(noise_multiplier, clip_norm, expected_batch_size)
     noisy = add_noise(key, grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm)
     return jax.tree.map(lambda g: g / jnp.asarray(expected_batch_size, g.dtype), noisy)
+
+
+def gaussian_noise(noise_multiplier: float, clip_norm: float | None,
+                   expected_batch_size: float) -> optax.GradientTransformationExtraArgs:
+    """The Gaussian mechanism as an optax transformation: :func:`noisy_mean` on the updates.
+
+    ``update(grad_sum, state, params=None, *, noise_key)`` returns
+    ((grad_sum + N(0, (z·C)² I)) / E[B], state), where ``grad_sum`` is the sum of clipped
+    per-example gradients of one logical batch (:func:`patchdp.private_grad`). Chained
+    before an optimizer it makes a DP optimizer::
+
+        optimizer = optax.chain(patchdp.gaussian_noise(z, C, B), optax.adam(1e-3))
+        updates, opt_state = optimizer.update(grad_sum, opt_state, params, noise_key=key)
+
+    **Pure.** The state is ``optax.EmptyState()``: the transformation holds no random
+    state. The noise comes only from ``noise_key``, an extra argument (optax passes extra
+    keyword arguments through ``chain`` to the transformations that take them), which
+    the caller must draw fresh and secret for every step, e.g.
+    ``jax.random.fold_in(base_key, step)`` with ``base_key`` from OS entropy. The same
+    key gives the same noise, so a step is reproducible from (state, batch, key).
+
+    Once per logical step: apply it to the full clipped sum, outside any gradient
+    accumulation (e.g. not inside ``optax.MultiSteps``), or the noise is added per
+    microbatch and the accountant's z no longer describes it.
+
+    Args:
+      noise_multiplier: z ≥ 0, the noise std in units of C (the accountant's z);
+        with z = 0 ``noise_key`` may be omitted.
+      clip_norm: C, the clip norm of the summed gradients (None only with z = 0).
+      expected_batch_size: B for fixed-size batches, q·N for Poisson sampling (the
+        sampling scheme's ``expected_batch_size``): never the realised batch size.
+    """
+    validate_noise(noise_multiplier, clip_norm, expected_batch_size)
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, noise_key=None, **extra_args):
+        del params, extra_args
+        if noise_key is None and noise_multiplier > 0:
+            raise TypeError("gaussian_noise needs this step's key: update(grads, state, params, noise_key=key), "
+                            "a fresh secret key every step.")
+        key = jax.random.key(0) if noise_key is None else noise_key  # z = 0: no noise is drawn
+        return noisy_mean(key, updates, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                          expected_batch_size=expected_batch_size), state
+
+    return optax.GradientTransformationExtraArgs(init, update)

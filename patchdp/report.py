@@ -14,13 +14,6 @@ from patchdp import accounting
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
 
 
-def steps_for_epochs(epochs: float, sampling: accounting.Sampling) -> int:
-    """Steps that make ``epochs`` passes in expectation: ceil(epochs / q)."""
-    if not (epochs > 0) or not math.isfinite(epochs):
-        raise ValueError(f"epochs must be > 0, got {epochs}.")
-    return max(1, math.ceil(epochs / sampling.rate - 1e-9))
-
-
 LABELS = {
     "epsilon_patch": "ε patch-level, substitution",
     "epsilon_image": "ε image-level, substitution (paper's baseline)",

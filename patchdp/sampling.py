@@ -1,19 +1,28 @@
-"""Which examples enter each step: fixed-size and Poisson batch samplers, on the host.
+"""Sampling schemes: which examples enter each step, for the host sampler AND the accountant.
 
-The accountant's sampling rate q describes exactly one of these schemes:
+One frozen dataclass per scheme describes it completely, so the batches drawn and the
+rate the accountant composes come from the same object (as one ``CropSpec`` drives both
+the crops and p*):
 
-* :class:`FixedSizeSampler` — B distinct indices drawn uniformly without replacement
-  from N, independently at every step (the paper's scheme); q = B / N.
-* :class:`PoissonSampler` — every index joins independently with probability q, so the
-  batch size is Binomial(N, q). To give jit one static shape the batch is padded to
-  ``padded_size`` slots with a validity mask; padded slots contribute nothing.
+* :class:`FixedSizeSampling` (``batch_size=B, dataset_size=N``) — B distinct indices
+  drawn uniformly without replacement from N, independently at every step (the paper's
+  scheme); q = B / N.
+* :class:`PoissonSampling` (``rate=q, dataset_size=N``) — every index joins
+  independently with probability q, so the batch size is Binomial(N, q). To give jit one
+  static shape the batch is padded to ``padded_size`` slots with a validity mask; padded
+  slots contribute nothing. ``dataset_size`` may be omitted for accounting alone (then
+  there is no expected batch size, padded size or sampler).
+
+Both have ``rate`` (q), ``expected_batch_size`` (what the noisy gradient sum is divided
+by), ``padded_size``, ``steps_for_epochs(epochs)`` and ``sample(seed, step)``. Their
+fields are keyword-only, so (batch_size, dataset_size) cannot be swapped silently.
 
 **Poisson overflow.** A batch larger than ``padded_size`` is neither truncated nor
 resampled (both would change the sampling distribution the accountant assumes):
 ``sample`` raises :class:`BatchOverflowError` and training stops. ``padded_size`` is
 by default the smallest size whose overflow probability — the exact binomial tail
 P[Binomial(N, q) > padded_size] — is at most ``max_overflow_probability`` (1e-12 per
-step); :attr:`PoissonSampler.overflow_probability` reports the value. Training that
+step); :attr:`PoissonSampling.overflow_probability` reports the value. Training that
 stops on overflow differs from ideal Poisson DP-SGD only on an event of probability
 at most T × overflow_probability over T steps, whatever the data, so an (ε, δ)
 guarantee of the ideal mechanism holds with δ + T × overflow_probability (1e-7 for
@@ -37,14 +46,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import secrets
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["BatchOverflowError", "FixedSizeSampler", "IndexBatch", "PoissonSampler", "SamplingSeed"]
+from patchdp import _validation
+
+__all__ = ["BatchOverflowError", "FixedSizeSampling", "IndexBatch", "PoissonSampling", "Sampling", "SamplingSeed"]
 
 
 class BatchOverflowError(RuntimeError):
@@ -78,9 +88,7 @@ class SamplingSeed:
     @classmethod
     def fixed(cls, seed: int) -> "SamplingSeed":
         """A reproducible seed. NOT secure: anyone who knows it knows every batch."""
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"a sampling seed must be a non-negative integer, got {seed!r}.")
-        return cls(int(seed), secure=False)
+        return cls(_validation.integer("sampling seed", seed, 0), secure=False)
 
     def generator(self, step: int) -> np.random.Generator:
         """An independent generator for batch ``step``, from (seed, step)."""
@@ -92,12 +100,6 @@ class SamplingSeed:
         return f"SamplingSeed({self.value}, reproducible, NOT secure)"
 
 
-def _check_dataset_size(dataset_size) -> int:
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
-        raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}.")
-    return int(dataset_size)
-
-
 def _draw(rng: np.random.Generator, dataset_size: int, count: int, slots: int) -> IndexBatch:
     """``count`` distinct uniform indices in the first slots of a batch of ``slots``."""
     indices = np.zeros(slots, np.int64)
@@ -105,26 +107,37 @@ def _draw(rng: np.random.Generator, dataset_size: int, count: int, slots: int) -
     return IndexBatch(indices, np.arange(slots) < count)
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedSizeSampler:
+class _Scheme:
+    """What every scheme derives from its rate q."""
+
+    rate: float
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """Steps that make ``epochs`` passes over the data in expectation: ceil(epochs / q)."""
+        epochs = _validation.number("epochs", epochs, 0, math.inf, low_open=True)
+        return max(1, math.ceil(epochs / self.rate - 1e-9))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedSizeSampling(_Scheme):
     """B indices uniformly without replacement from N, independently every step.
 
     Attributes:
+      batch_size: B, 1 ≤ B ≤ N.
       dataset_size: N.
-      batch_size: B ≤ N.
     """
 
-    dataset_size: int
     batch_size: int
+    dataset_size: int
 
     def __post_init__(self):
-        n = _check_dataset_size(self.dataset_size)
-        b = self.batch_size
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= n:
-            raise ValueError(f"batch_size must be an integer in [1, dataset_size={n}], got {b!r}.")
+        n = _validation.integer("dataset_size", self.dataset_size)
+        b = _validation.integer("batch_size", self.batch_size)
+        if b > n:
+            raise ValueError(f"batch_size {b} exceeds dataset_size {n}: a batch is drawn without replacement.")
 
     @property
-    def sampling_rate(self) -> float:
+    def rate(self) -> float:
         """q = B / N, the rate the accountant uses."""
         return self.batch_size / self.dataset_size
 
@@ -143,13 +156,14 @@ class FixedSizeSampler:
         return _draw(seed.generator(step), self.dataset_size, self.batch_size, self.batch_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class PoissonSampler:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoissonSampling(_Scheme):
     """Each of N indices joins independently with probability q; padded to a fixed size.
 
     Attributes:
-      dataset_size: N.
-      sampling_rate: q in (0, 1].
+      rate: q in (0, 1].
+      dataset_size: N; None describes the scheme for the accountant only (no expected
+        batch size, padded size or :meth:`sample`).
       max_overflow_probability: bound on P[batch size > padded_size] per step, used to
         choose ``padded_size`` when it is not given.
       padded_size: slots per batch; default the smallest size meeting the bound.
@@ -157,40 +171,44 @@ class PoissonSampler:
         microbatch size × number of devices).
     """
 
-    dataset_size: int
-    sampling_rate: float
+    rate: float
+    dataset_size: int | None = None
     max_overflow_probability: float = 1e-12
     padded_size: int | None = None
     multiple_of: int = 1
 
     def __post_init__(self):
-        n = _check_dataset_size(self.dataset_size)
-        q = self.sampling_rate
-        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {q!r}.")
-        bound = self.max_overflow_probability
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < 1:
-            raise ValueError(f"max_overflow_probability must be in (0, 1), got {bound!r}.")
-        m = self.multiple_of
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-            raise ValueError(f"multiple_of must be a positive integer, got {m!r}.")
+        q = _validation.rate("sampling rate q", self.rate)
+        object.__setattr__(self, "rate", q)
+        bound = _validation.number("max_overflow_probability", self.max_overflow_probability, 0, 1,
+                                   low_open=True, high_open=True)
+        m = _validation.integer("multiple_of", self.multiple_of)
         size = self.padded_size
+        if self.dataset_size is None:
+            if size is not None:
+                raise ValueError("PoissonSampling: padded_size needs dataset_size; pass dataset_size=N.")
+            return
+        n = _validation.integer("dataset_size", self.dataset_size)
         if size is None:
-            size = max(1, _tail_quantile(n, float(q), float(bound)))
+            size = max(1, _tail_quantile(n, q, bound))
             size = min(m * math.ceil(size / m), m * math.ceil(n / m))
-        elif isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ValueError(f"padded_size must be a positive integer, got {size!r}.")
-        object.__setattr__(self, "padded_size", int(size))
+        object.__setattr__(self, "padded_size", _validation.integer("padded_size", size))
+
+    def _size(self) -> int:
+        if self.dataset_size is None:
+            raise ValueError("this PoissonSampling has no dataset_size; pass dataset_size=N to sample batches "
+                             "or to get the expected batch size q·N.")
+        return self.dataset_size
 
     @property
     def expected_batch_size(self) -> float:
         """q·N: what the noisy gradient sum is divided by."""
-        return self.sampling_rate * self.dataset_size
+        return self.rate * self._size()
 
     @property
     def overflow_probability(self) -> float:
         """P[Binomial(N, q) > padded_size]: the chance per step that ``sample`` raises."""
-        return float(stats.binom.sf(self.padded_size, self.dataset_size, self.sampling_rate))
+        return float(stats.binom.sf(self.padded_size, self._size(), self.rate))
 
     def sample(self, seed: SamplingSeed, step: int) -> IndexBatch:
         """Batch ``step``: a Binomial(N, q) number of distinct uniform indices (which is
@@ -199,7 +217,7 @@ class PoissonSampler:
         Raises BatchOverflowError if the batch exceeds ``padded_size``.
         """
         rng = seed.generator(step)
-        count = int(rng.binomial(self.dataset_size, self.sampling_rate))
+        count = int(rng.binomial(self._size(), self.rate))
         if count > self.padded_size:
             raise BatchOverflowError(
                 f"step {step}: the Poisson batch has {count} examples but only {self.padded_size} "
@@ -207,6 +225,9 @@ class PoissonSampler:
                 "or resampling would break the privacy accounting; restart with a larger "
                 "padded_size or a smaller max_overflow_probability.")
         return _draw(rng, self.dataset_size, count, self.padded_size)
+
+
+Sampling = Union[FixedSizeSampling, PoissonSampling]
 
 
 def _tail_quantile(n: int, q: float, bound: float) -> int:

@@ -4,15 +4,15 @@ report out.
     config ─► plan (pure: p*, q, w, planned steps T, δ, noise z — calibrated if asked)
            ─► for t = start … T − 1:
                   stop if one more step would exceed the ε budget      (Ledger.can_step, O(1))
-                  batch t  = dataset[sampler.sample(seed, t)]          (loaded one step ahead)
+                  batch t  = dataset[sampling.sample(seed, t)]         (loaded one step ahead)
                   state    = train_step(state, batch, fold_in(key, t)) (crop, clip, noise once)
                   ledger.step(z)
                   log · refresh ε · evaluate · checkpoint
            ─► final evaluation, report (JSON + Markdown), plots
 
 **Exact resumption.** Batch t and the key of step t are pure functions of the run's
-seeds and t (:class:`Seeds`), so a checkpoint needs only the train state, the sampler's
-description, the privacy setting and the ledger, and the run directory the seeds; a
+seeds and t (:class:`Seeds`), so a checkpoint needs only the train state, the privacy
+setting and the ledger (which holds the sampling scheme), and the run directory the seeds; a
 resumed run computes exactly the steps an uninterrupted run with the same seeds would
 have. Resuming checks the checkpoint against the config first and refuses, in one line,
 any change the ledger cannot account for (crop, patch, sampling, dataset size,
@@ -95,8 +95,9 @@ class Plan:
     Attributes:
       image_shape: (H, W, C) of the training images.
       crop, patch: the crop distribution and the protected region.
-      sampler: the host-side batch sampler (``patchdp.sampling``).
-      sampling, relation: the accountant's view of the sampler and of what is protected.
+      sampling: the sampling scheme (``patchdp.sampling``): it draws the batches and
+        gives the accountant its rate q.
+      relation: what is protected (``patchdp.accounting``).
       inclusion_probability: p*; sampling_rate: q.
       steps: T, the planned number of steps.
       delta: δ.
@@ -107,8 +108,7 @@ class Plan:
     image_shape: tuple[int, int, int]
     crop: CropSpec
     patch: Patch
-    sampler: sampling.FixedSizeSampler | sampling.PoissonSampler
-    sampling: accounting.Sampling
+    sampling: sampling.Sampling
     relation: accounting.Relation
     inclusion_probability: float
     steps: int
@@ -135,17 +135,16 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     if config.batch_size > n:
         raise ValueError(f"config: batch_size {config.batch_size} exceeds the {n} training examples.")
     if config.sampling == "fixed":
-        sampler = sampling.FixedSizeSampler(n, config.batch_size)
-        accountant_view = accounting.FixedSizeSampling(config.batch_size, n)
+        scheme = sampling.FixedSizeSampling(batch_size=config.batch_size, dataset_size=n)
     else:
-        sampler = sampling.PoissonSampler(n, rate, multiple_of=(config.microbatch_size or 1) * devices)
-        accountant_view = accounting.PoissonSampling(rate, n)
+        scheme = sampling.PoissonSampling(rate=rate, dataset_size=n,
+                                          multiple_of=(config.microbatch_size or 1) * devices)
     for divisor, what in ((config.microbatch_size, "microbatch_size"), (devices, "the number of devices")):
-        if divisor and sampler.padded_size % divisor:
-            raise ValueError(f"config: {what} ({divisor}) must divide the batch of {sampler.padded_size} slots; "
+        if divisor and scheme.padded_size % divisor:
+            raise ValueError(f"config: {what} ({divisor}) must divide the batch of {scheme.padded_size} slots; "
                              "change batch_size or microbatch_size.")
     relation = accounting.PatchLevel(p_star) if config.accounting == "patch" else accounting.ImageLevel()
-    steps = config.steps or report.steps_for_epochs(config.epochs, accountant_view)
+    steps = config.steps or scheme.steps_for_epochs(config.epochs)
     delta = config.delta if config.delta is not None else 0.1 / n
     if delta > 1 / n:
         raise ValueError(f"config: delta {delta:g} exceeds 1/N = {1 / n:.3g} for N = {n} training examples, so it "
@@ -153,10 +152,10 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
                          "choice), better well below it (unset: 0.1/N).")
     z = config.noise_multiplier
     if z is None:
-        z = accounting.calibrate_noise(config.target_epsilon, delta, steps, sampling=accountant_view,
+        z = accounting.calibrate_noise(config.target_epsilon, delta, steps, sampling=scheme,
                                        relation=relation, resolution=config.resolution)
-    return Plan(image_shape=tuple(image_shape), crop=crop, patch=patch, sampler=sampler,
-                sampling=accountant_view, relation=relation, inclusion_probability=p_star, steps=steps,
+    return Plan(image_shape=tuple(image_shape), crop=crop, patch=patch,
+                sampling=scheme, relation=relation, inclusion_probability=p_star, steps=steps,
                 delta=delta, noise_multiplier=float(z), budget=config.target_epsilon)
 
 
@@ -167,7 +166,7 @@ class Seeds(NamedTuple):
     """The run's secrets: the batch-sampling seed and the 64-bit base of the JAX keys
     (kept in the run directory's ``secrets.json``, mode 0600, never in a checkpoint).
 
-    Step t uses batch ``sampler.sample(sampling, t)`` and key ``step_keys()(t)``; the
+    Step t uses batch ``plan.sampling.sample(sampling, t)`` and key ``step_keys()(t)``; the
     initial parameters use :meth:`init_key`. Secure seeds come from OS entropy; a fixed
     seed s gives ``SamplingSeed.fixed(s)`` and ``jax.random.key(s)``: reproducible and
     NOT secure.
@@ -350,7 +349,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             checkpoints.save(step, state, meta)
 
         def load(step):
-            chosen = plan.sampler.sample(seeds.sampling, step)
+            chosen = plan.sampling.sample(seeds.sampling, step)
             data = train_set.get_batch(chosen.indices)
             batch = Batch(data["image"], data["label"], chosen.mask)
             return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
@@ -433,10 +432,6 @@ def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str |
     return TrainState.create(params, optimizer)
 
 
-def _describe(sampler) -> dict:
-    return {"type": type(sampler).__name__, **dataclasses.asdict(sampler)}
-
-
 # Config keys the steps already taken were accounted (or cropped and clipped) under.
 PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_per_example", "patch",
                 "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution")
@@ -444,10 +439,11 @@ PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_p
 
 def _privacy_setting(config: Config, plan: Plan) -> dict:
     """What the guarantee of the steps taken rests on, besides the ledger and the noise:
-    the config's crop, patch, sampling, clip norm, accounting, δ and budget, and the
-    sampler (with the dataset size). Saved in every checkpoint; a resumed run must match it."""
+    the config's crop, patch, sampling, clip norm, accounting, δ and budget (the sampling
+    scheme, with the dataset size, is in the ledger). Saved in every checkpoint; a resumed
+    run must match it and its ledger."""
     setting = {key: config.to_dict()[key] for key in PRIVACY_KEYS}
-    setting.update(sampler=_describe(plan.sampler), delta=plan.delta)
+    setting.update(delta=plan.delta)
     return json.loads(json.dumps(setting))  # as a checkpoint gives it back: lists, not tuples
 
 
@@ -540,8 +536,8 @@ def final_report(config: Config, plan: Plan, ledger: accounting.Ledger, *, stop_
     if ledger.steps:
         privacy = ledger_privacy(ledger, plan)
         same_epsilon = _noise_needed(privacy["epsilon_patch"], ledger.steps, plan, ledger.resolution)
-        if isinstance(plan.sampler, sampling.PoissonSampler):  # stopping on overflow costs δ (patchdp.sampling)
-            privacy["delta_overflow"] = ledger.steps * plan.sampler.overflow_probability
+        if isinstance(plan.sampling, sampling.PoissonSampling):  # stopping on overflow costs δ (patchdp.sampling)
+            privacy["delta_overflow"] = ledger.steps * plan.sampling.overflow_probability
     return _strict({
         "config": config.to_dict(),
         "model": config.model, "dataset": config.dataset,

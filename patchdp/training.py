@@ -1,16 +1,19 @@
 """The train state and one DP-SGD step (docs/method.md, "The training step").
 
-    key ─┬─► per-example keys ─► K random crops (patchdp.crops)
+    key ─┬─► per-example keys ─► K random crops (patchdp.crops)          ┐
+         │                          │                                    │
+         │        per-example loss: mean of the K crop losses            │ private_grad
+         │                          │                                    │
+         │        per-example gradient, clipped to C, summed (clipping)  ┘
          │                          │
-         │        per-example loss: mean of the K crop losses
-         │                          │
-         │        per-example gradient, clipped to C, summed (patchdp.clipping)
-         │                          │
-         └─► noise key ─► + N(0, (z·C)²) once, / expected batch size (patchdp.noise)
+         └─► noise key ─► + N(0, (z·C)²) once, / expected batch size     gaussian_noise
                                     │
                              optax update
 
-:func:`make_train_step` builds the jitted ``train_step(state, batch, key)``. The same
+:func:`private_grad` (the clipped gradient sum of each example's crops, like
+``jax.grad``) and :func:`patchdp.noise.gaussian_noise` (an optax transformation) are the
+pieces for an own training loop; :func:`make_train_step` composes them into the jitted
+``train_step(state, batch, key)``. The same
 code path with ``clip_norm=None, noise_multiplier=0`` is the non-private baseline.
 
 **Sharding.** With a ``jax.sharding.Mesh`` the examples are sharded over all of its
@@ -37,7 +40,6 @@ seeded from OS entropy (``secrets.randbits(64)``).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,12 +47,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from patchdp import crops
+from patchdp import _validation, crops
 from patchdp.clipping import clipped_grad_sum, validate_clip_norm
 from patchdp.inclusion import CropSpec
-from patchdp.noise import noisy_mean, validate_noise
+from patchdp.noise import gaussian_noise
 
-__all__ = ["Batch", "TrainState", "make_train_step", "linen_loss", "shard_batch", "replicate"]
+__all__ = ["Batch", "TrainState", "private_grad", "make_train_step", "linen_loss", "shard_batch", "replicate"]
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -97,51 +99,49 @@ def linen_loss(model, loss: Callable[[jax.Array, jax.Array], jax.Array]) -> Loss
     return loss_fn
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
-                    crop: CropSpec | None = None, flip: bool = False, label_fill=0,
-                    microbatch_size: int | None = None, unroll: bool | None = None,
-                    mesh: Mesh | None = None) -> Callable:
-    """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``.
+def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | None,
+                 microbatch_size: int | None = None, flip: bool = False, label_fill=0,
+                 unroll: bool | None = None) -> Callable:
+    """Like ``jax.grad``, for DP-SGD with crops: returns ``grad_fn(params, batch, key)``
+    giving ``(grad_sum, stats)``.
+
+    ``grad_sum`` = Σ_i m_i · clip_C(∇_θ (1/K) Σ_k loss_fn(θ, crop_k(x_i), crop_k(y_i))):
+    the gradient of each example's mean loss over its K random crops, clipped as a whole
+    to norm ≤ C, summed over the valid examples (mask m_i); an example whose gradient is
+    not finite contributes exactly 0. Replacing one example changes ``grad_sum`` by at
+    most 2C, and only if one of its crops hits the changed pixels: the sensitivity
+    :mod:`patchdp.accounting` assumes with this ``crop``. Add the noise with
+    :func:`gaussian_noise` (once per logical step).
 
     Args:
       loss_fn: ``loss_fn(params, image, label) -> scalar`` for ONE example and one crop
-        (image (h, w, C)); see :func:`linen_loss`.
-      optimizer: any optax transformation (SGD, momentum, Adam, ...).
-      clip_norm: C, the per-example clip norm; None disables clipping (non-private).
-      noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
-      expected_batch_size: B for fixed-size batches, q·N for Poisson sampling: the noisy
-        sum is divided by it (use the sampler's ``expected_batch_size``).
-      crop: the crop distribution (the same ``CropSpec`` the accountant uses); None
-        trains on the images as they are (no amplification by cropping).
-      flip: random horizontal flips after cropping.
-      label_fill: label value in the padding of label maps (e.g. an ignore index).
+        (image (h, w, C)). Linen: :func:`linen_loss`. NNX: split the model once,
+        ``graphdef, params = nnx.split(model)``, and merge inside,
+        ``nnx.merge(graphdef, params)(image[None])[0]``.
+      crop: the crop distribution (the ``CropSpec`` given to the accountant), or None to
+        use the images as they are (no amplification by cropping).
+      clip_norm: C > 0; None gives the non-private baseline (plain gradient of the
+        loss sum, no per-example gradients).
       microbatch_size: examples per physical microbatch (must divide the batch size);
         peak memory follows it. Default: the whole batch at once.
+      flip: random horizontal flips after cropping.
+      label_fill: label value in the padding of label maps (e.g. an ignore index).
       unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by backend.
-      mesh: shard examples over all devices of this mesh (data parallelism).
 
-    The step: split ``key`` into a crop key (one key per example) and a noise key; per
-    example, the mean loss of its K crops; per-example gradients clipped to C and
-    summed over valid examples (``patchdp.clipping``); N(0, (z·C)²) added once and the
-    result divided by ``expected_batch_size`` (``patchdp.noise``); an optax update.
-    The state argument is donated: do not reuse it after the call.
-
-    Metrics (float32 scalars): ``loss`` (mean over valid examples with a finite
-    gradient), ``clipped_fraction`` (of those, the fraction whose norm exceeded C),
-    ``valid`` (examples in the batch), ``nonfinite`` (examples that contributed zero
-    because their gradient was not finite).
+    The returned ``grad_fn(params, batch: Batch, key)`` splits ``key`` into one key per
+    example (the crops), is pure and jittable. ``grad_sum`` has the structure of
+    ``params`` (leaves ≥ float32). ``stats`` (float32 scalars): ``loss`` (mean over
+    valid examples with a finite gradient), ``clipped_fraction`` (of those, the fraction
+    whose norm exceeded C), ``valid`` (examples in the batch), ``nonfinite`` (examples
+    that contributed zero because their gradient was not finite). They are statistics
+    of the private batch, not privatised.
     """
     validate_clip_norm(clip_norm)
-    validate_noise(noise_multiplier, clip_norm, expected_batch_size)
     if crop is not None and not isinstance(crop, CropSpec):
-        raise ValueError(f"crop must be a patchdp.inclusion.CropSpec (the one the accountant uses) or None, "
+        raise ValueError(f"crop must be a patchdp.CropSpec (the one the accountant uses) or None, "
                          f"got {type(crop).__name__}.")
-    if microbatch_size is not None and (isinstance(microbatch_size, bool) or not isinstance(
-            microbatch_size, numbers.Integral) or microbatch_size < 1):
-        raise ValueError(f"microbatch_size must be a positive integer dividing the batch size, or None; "
-                         f"got {microbatch_size!r}.")
-    data = None if mesh is None else _examples(mesh)
+    if microbatch_size is not None:
+        _validation.integer("microbatch_size (examples per microbatch, dividing the batch size)", microbatch_size)
 
     def example_loss(params, example):
         key, image, label = example
@@ -150,22 +150,56 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         images, labels = crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
         return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, images, labels))
 
+    def grad_fn(params, batch: Batch, key: jax.Array):
+        keys = jax.random.split(key, batch.image.shape[0])
+        grad_sum, stats = clipped_grad_sum(
+            example_loss, params, (keys, batch.image, batch.label), batch.mask,
+            clip_norm=clip_norm, microbatch_size=microbatch_size, unroll=unroll)
+        counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
+        return grad_sum, {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
+                          "valid": stats.valid, "nonfinite": stats.nonfinite}
+
+    return grad_fn
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
+                    crop: CropSpec | None = None, flip: bool = False, label_fill=0,
+                    microbatch_size: int | None = None, unroll: bool | None = None,
+                    mesh: Mesh | None = None) -> Callable:
+    """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``:
+    :func:`private_grad`, then :func:`~patchdp.noise.gaussian_noise`, then ``optimizer``.
+
+    Args:
+      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll: as in
+        :func:`private_grad`.
+      optimizer: any optax transformation (SGD, momentum, Adam, ...); the state's
+        ``opt_state`` is this optimizer's (the noise has no state).
+      noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
+      expected_batch_size: B for fixed-size batches, q·N for Poisson sampling: the noisy
+        sum is divided by it (use the sampling scheme's ``expected_batch_size``).
+      mesh: shard examples over all devices of this mesh (data parallelism).
+
+    The step splits ``key`` into a crop key and a noise key; the clipped gradient sum of
+    the batch's crops gets N(0, (z·C)²) once and is divided by ``expected_batch_size``;
+    the result (cast to the parameters' dtypes) goes to ``optimizer``. The state
+    argument is donated: do not reuse it after the call. Metrics: the ``stats`` of
+    :func:`private_grad`.
+    """
+    grad_fn = private_grad(loss_fn, crop=crop, clip_norm=clip_norm, microbatch_size=microbatch_size,
+                           flip=flip, label_fill=label_fill, unroll=unroll)
+    noise = gaussian_noise(noise_multiplier, clip_norm, expected_batch_size)
+    data = None if mesh is None else _examples(mesh)
+
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
         if data is not None:
             batch = jax.lax.with_sharding_constraint(batch, data)
         crop_key, noise_key = jax.random.split(key)
-        keys = jax.random.split(crop_key, batch.image.shape[0])
-        grad_sum, stats = clipped_grad_sum(
-            example_loss, state.params, (keys, batch.image, batch.label), batch.mask,
-            clip_norm=clip_norm, microbatch_size=microbatch_size, unroll=unroll)
-        grads = noisy_mean(noise_key, grad_sum, noise_multiplier=noise_multiplier,
-                           clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+        grad_sum, metrics = grad_fn(state.params, batch, crop_key)
+        grads, _ = noise.update(grad_sum, noise.init(state.params), noise_key=noise_key)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         state = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-        counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
-        metrics = {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
-                   "valid": stats.valid, "nonfinite": stats.nonfinite}
         return state, metrics
 
     return jax.jit(train_step, donate_argnums=0)

@@ -37,13 +37,13 @@ def pair_delta(eps, w, z, sensitivity=2.0, reverse=False):
 def test_no_subsampling_is_the_gaussian_mechanism(z, steps):
     # w = 1: every step is the Gaussian mechanism with sensitivity 2 (units of C), and T
     # of them compose to μ = 2·sqrt(T)/z, whose ε(δ) has a closed form (Balle & Wang 2018).
-    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(1.0), relation=ImageLevel())
+    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(rate=1.0), relation=ImageLevel())
     want = acc.gaussian_mechanism_epsilon(2 * math.sqrt(steps) / z, 1e-5)
     assert want <= got <= want * (1 + 1e-5) + 1e-6
 
 
 def test_add_remove_without_subsampling_has_sensitivity_one():
-    got = acc.epsilon(2.0, 50, 1e-6, sampling=PoissonSampling(1.0), relation=AddRemove())
+    got = acc.epsilon(2.0, 50, 1e-6, sampling=PoissonSampling(rate=1.0), relation=AddRemove())
     want = acc.gaussian_mechanism_epsilon(math.sqrt(50) / 2.0, 1e-6)
     assert want <= got <= want * (1 + 1e-5)
 
@@ -65,7 +65,7 @@ def test_one_step_profile_matches_numerical_integration(w, z):
     eps = np.array([0.0, 0.05, 0.3, 1.0, 2.5])
     want = np.array([pair_delta(e, w, z) for e in eps])
     np.testing.assert_allclose(acc._hockey_stick(eps, w, 2.0 / z), want, rtol=1e-8, atol=1e-15)
-    got = acc.privacy_profile(z, 1, eps, sampling=PoissonSampling(w), relation=ImageLevel())
+    got = acc.privacy_profile(z, 1, eps, sampling=PoissonSampling(rate=w), relation=ImageLevel())
     assert (got >= want - 1e-12).all()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12)
 
@@ -87,7 +87,7 @@ def test_one_step_is_max_of_remove_and_add_for_every_epsilon():
     for eps in [0.01, 0.4, 1.5]:
         remove, add = pair_delta(eps, w, z), pair_delta(eps, w, z, reverse=True)
         assert remove >= add  # the remove branch dominates for ε ≥ 0 (Zhu et al. 2022)
-        got = acc.delta(z, 1, eps, sampling=PoissonSampling(w), relation=ImageLevel())
+        got = acc.delta(z, 1, eps, sampling=PoissonSampling(rate=w), relation=ImageLevel())
         assert got == pytest.approx(max(remove, add), rel=1e-3)
 
 
@@ -149,7 +149,7 @@ def test_add_remove_matches_dp_accounting_pld_accountant():
     accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=acc.DEFAULT_RESOLUTION)
     accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
     want = accountant.get_epsilon(1e-5)
-    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(q), relation=AddRemove())
+    got = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(rate=q), relation=AddRemove())
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -162,21 +162,21 @@ def test_rdp_is_never_below_pld(w, z, steps):
     # REPLACE_ONE relation would instead mean sensitivity 2 with σ = z, another scaling.)
     rdp = dp_accounting.rdp.RdpAccountant()
     rdp.compose(dp_accounting.PoissonSampledDpEvent(w, dp_accounting.GaussianDpEvent(z / 2)), steps)
-    ours = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(w), relation=ImageLevel())
+    ours = acc.epsilon(z, steps, 1e-5, sampling=PoissonSampling(rate=w), relation=ImageLevel())
     assert 0 < ours <= rdp.get_epsilon(1e-5)
 
 
 def test_patch_level_is_image_level_at_rate_q_times_p():
-    sampling = FixedSizeSampling(100, 10 ** 5)
+    sampling = FixedSizeSampling(batch_size=100, dataset_size=10 ** 5)
     patch = acc.epsilon(1.0, 1000, 1e-5, sampling=sampling, relation=PatchLevel(0.0146), resolution=COARSE)
-    same = acc.epsilon(1.0, 1000, 1e-5, sampling=PoissonSampling(1e-3 * 0.0146), relation=ImageLevel(), resolution=COARSE)
+    same = acc.epsilon(1.0, 1000, 1e-5, sampling=PoissonSampling(rate=1e-3 * 0.0146), relation=ImageLevel(), resolution=COARSE)
     image = acc.epsilon(1.0, 1000, 1e-5, sampling=sampling, relation=ImageLevel(), resolution=COARSE)
     assert patch == same
     assert patch < image / 5
 
 
 def test_monotone_in_noise_steps_and_rate():
-    s = PoissonSampling(0.01)
+    s = PoissonSampling(rate=0.01)
     e = lambda z=1.0, t=500, w=0.3: acc.epsilon(z, t, 1e-5, sampling=s, relation=PatchLevel(w), resolution=COARSE)
     base = e()
     assert e(z=1.2) < base < e(z=0.8)
@@ -185,7 +185,7 @@ def test_monotone_in_noise_steps_and_rate():
 
 
 def test_profile_is_decreasing_and_consistent_with_epsilon():
-    kw = dict(sampling=FixedSizeSampling(64, 6000), relation=PatchLevel(0.1))
+    kw = dict(sampling=FixedSizeSampling(batch_size=64, dataset_size=6000), relation=PatchLevel(0.1))
     eps_grid = np.linspace(0, 5, 26)
     prof = acc.privacy_profile(1.0, 2000, eps_grid, **kw)
     assert (np.diff(prof) <= 1e-15).all()
@@ -197,21 +197,21 @@ def test_profile_is_decreasing_and_consistent_with_epsilon():
 # ------------------------------------------------------------------ calibration, budgets
 
 def test_calibrate_noise_is_the_smallest_sufficient_noise():
-    kw = dict(sampling=FixedSizeSampling(200, 2975), relation=PatchLevel(0.329))
+    kw = dict(sampling=FixedSizeSampling(batch_size=200, dataset_size=2975), relation=PatchLevel(0.329))
     z = acc.calibrate_noise(4.0, 1e-5, 300, **kw)
     assert acc.epsilon(z, 300, 1e-5, **kw) <= 4.0
     assert acc.epsilon(z * (1 - 2e-3), 300, 1e-5, **kw) > 4.0
 
 
 def test_calibration_patch_needs_less_noise_than_image():
-    s = FixedSizeSampling(100, 10 ** 5)
+    s = FixedSizeSampling(batch_size=100, dataset_size=10 ** 5)
     z_patch = acc.calibrate_noise(1.0, 1e-5, 1000, sampling=s, relation=PatchLevel(0.0146), resolution=COARSE)
     z_image = acc.calibrate_noise(1.0, 1e-5, 1000, sampling=s, relation=ImageLevel(), resolution=COARSE)
     assert z_patch < z_image
 
 
 def test_max_steps():
-    kw = dict(sampling=PoissonSampling(0.02), relation=PatchLevel(0.2), resolution=COARSE)
+    kw = dict(sampling=PoissonSampling(rate=0.02), relation=PatchLevel(0.2), resolution=COARSE)
     t = acc.max_steps(1.0, 2.0, 1e-5, **kw)
     assert t > 0
     assert acc.epsilon(1.0, t, 1e-5, **kw) <= 2.0 < acc.epsilon(1.0, t + 1, 1e-5, **kw)
@@ -219,7 +219,7 @@ def test_max_steps():
 
 
 def test_ledger_composes_runs_and_answers_budget_questions():
-    kw = dict(sampling=FixedSizeSampling(50, 5000), relation=PatchLevel(0.25), resolution=COARSE)
+    kw = dict(sampling=FixedSizeSampling(batch_size=50, dataset_size=5000), relation=PatchLevel(0.25), resolution=COARSE)
     ledger = Ledger(delta=1e-5, budget_epsilon=6.0, **kw)
     assert ledger.epsilon() == 0.0
     ledger.step(1.0, 300)
@@ -243,19 +243,19 @@ def test_ledger_composes_runs_and_answers_budget_questions():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: acc.epsilon(0, 10, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "noise_multiplier"),
-    (lambda: acc.epsilon(1, 0, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "steps"),
-    (lambda: acc.epsilon(1, 10, 1.0, sampling=PoissonSampling(0.1), relation=ImageLevel()), "delta"),
-    (lambda: acc.epsilon(1, 10, 0.0, sampling=PoissonSampling(0.1), relation=ImageLevel()), "delta"),
-    (lambda: acc.epsilon(1, 10.5, 1e-5, sampling=PoissonSampling(0.1), relation=ImageLevel()), "steps"),
-    (lambda: PoissonSampling(0.0), r"\(0, 1\]"),
-    (lambda: PoissonSampling(1.5), r"\(0, 1\]"),
-    (lambda: FixedSizeSampling(10, 5), "exceeds"),
+    (lambda: acc.epsilon(0, 10, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "noise_multiplier"),
+    (lambda: acc.epsilon(1, 0, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "steps"),
+    (lambda: acc.epsilon(1, 10, 1.0, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "delta"),
+    (lambda: acc.epsilon(1, 10, 0.0, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "delta"),
+    (lambda: acc.epsilon(1, 10.5, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "steps"),
+    (lambda: PoissonSampling(rate=0.0), r"\(0, 1\]"),
+    (lambda: PoissonSampling(rate=1.5), r"\(0, 1\]"),
+    (lambda: FixedSizeSampling(batch_size=10, dataset_size=5), "exceeds"),
     (lambda: PatchLevel(0.0), "inclusion probability"),
-    (lambda: acc.calibrate_noise(-1, 1e-5, 10, sampling=PoissonSampling(0.1), relation=ImageLevel()), "epsilon"),
-    (lambda: acc.calibrate_noise(1e-4, 1e-12, 10 ** 5, sampling=PoissonSampling(1.0), relation=ImageLevel(),
+    (lambda: acc.calibrate_noise(-1, 1e-5, 10, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "epsilon"),
+    (lambda: acc.calibrate_noise(1e-4, 1e-12, 10 ** 5, sampling=PoissonSampling(rate=1.0), relation=ImageLevel(),
                                  max_noise=10.0), "unreachable"),
-    (lambda: acc.epsilon(1, 10, 1e-5, sampling=FixedSizeSampling(10, 100), relation=AddRemove()), "Poisson"),
+    (lambda: acc.epsilon(1, 10, 1e-5, sampling=FixedSizeSampling(batch_size=10, dataset_size=100), relation=AddRemove()), "Poisson"),
 ])
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
@@ -269,7 +269,7 @@ def test_gaussian_augmentation_rate_is_total_variation():
     f = lambda x: abs(stats.norm.pdf(x, 0, 30) - stats.norm.pdf(x, 50, 30)) / 2
     tv = integrate.quad(f, -400, 450, points=[25], epsabs=1e-13)[0]
     assert aug.amplification == pytest.approx(tv, rel=1e-9)
-    assert acc.effective_sampling_rate(PoissonSampling(0.1), aug) == pytest.approx(0.1 * tv)
+    assert acc.effective_sampling_rate(PoissonSampling(rate=0.1), aug) == pytest.approx(0.1 * tv)
 
 
 def test_data_level_noise_is_a_gaussian_mechanism_on_pixels():
@@ -290,7 +290,7 @@ def test_epsilon_is_never_below_the_exact_gaussian_composition(z, steps):
     # case fits ~10^6 points; the bound holds at any resolution.
     mu = 2 * math.sqrt(steps) / z
     resolution = min(max(mu / 4e4, 1e-4), 0.1)
-    kw = dict(sampling=PoissonSampling(1.0), relation=ImageLevel(), resolution=resolution)
+    kw = dict(sampling=PoissonSampling(rate=1.0), relation=ImageLevel(), resolution=resolution)
     for delta in [1e-5, 1e-8, 1e-10]:
         got = acc.epsilon(z, steps, delta, **kw)
         want = acc.gaussian_mechanism_epsilon(mu, delta)
@@ -373,11 +373,11 @@ def test_another_cpus_rounding_within_the_bounds_cannot_lower_delta():
 
 def test_too_fine_a_grid_is_refused_quickly_with_the_resolution_that_fits():
     with pytest.raises(ValueError, match=r"use resolution >= \S+ nats"):
-        acc.epsilon(1.0, 10 ** 8, 1e-5, sampling=FixedSizeSampling(200, 2975), relation=PatchLevel(0.33))
+        acc.epsilon(1.0, 10 ** 8, 1e-5, sampling=FixedSizeSampling(batch_size=200, dataset_size=2975), relation=PatchLevel(0.33))
 
 
 def test_numerical_floor_marks_where_the_rounding_allowance_dominates():
-    kw = dict(sampling=FixedSizeSampling(100, 10 ** 5), relation=PatchLevel(0.0146))
+    kw = dict(sampling=FixedSizeSampling(batch_size=100, dataset_size=10 ** 5), relation=PatchLevel(0.0146))
     floor = acc.numerical_floor(1.0, 10 ** 4, **kw)
     assert 1e-15 < floor < 1e-8
     assert acc.epsilon(1.0, 10 ** 4, floor / 2, **kw) == math.inf

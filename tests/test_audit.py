@@ -13,7 +13,7 @@ from patchdp import accounting
 from patchdp.audit import (AuditResult, audit, audit_ceiling, audit_scores, canary_datasets, canary_step, clopper_pearson,
                            epsilon_lower_bound)
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
-from patchdp.sampling import FixedSizeSampler, PoissonSampler, SamplingSeed
+from patchdp.sampling import FixedSizeSampling, PoissonSampling, SamplingSeed
 
 DELTA = 1e-5
 IMAGE = (16, 16)
@@ -73,20 +73,20 @@ def test_no_difference_gives_no_bound():
     assert epsilon_lower_bound(scores[:2000], scores[2000:], DELTA).epsilon < 0.5
 
 
-@pytest.mark.parametrize("sampler", [FixedSizeSampler(dataset_size=8, batch_size=4),
-                                     PoissonSampler(dataset_size=8, sampling_rate=0.5)], ids=["fixed", "poisson"])
-def test_canary_is_hit_exactly_with_probability_q_times_p_star(sampler):
+@pytest.mark.parametrize("sampling", [FixedSizeSampling(dataset_size=8, batch_size=4),
+                                      PoissonSampling(dataset_size=8, rate=0.5)], ids=["fixed", "poisson"])
+def test_canary_is_hit_exactly_with_probability_q_times_p_star(sampling):
     """Noise-free step, q = 1/2, padding 2. The same batches and keys on D and D' (the
     same key, seed and world index): the canary's clipped gradient flips from −C to +C,
     i.e. the score rises by 2C/E[B], in a fraction q·p* of runs, p* computed independently
     by ``inclusion_probability``; nothing else changes."""
     crop, patch = CropSpec(6, padding=2), Patch.rectangle(2, 3)
-    without, with_canary, _ = canary_datasets(IMAGE, crop, patch, sampler.dataset_size)
+    without, with_canary, _ = canary_datasets(IMAGE, crop, patch, sampling.dataset_size)
     step = canary_step(crop=crop, noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
     runs = 10_000
     coupled = dict(runs=runs, key=jax.random.key(0), seed=SamplingSeed.fixed(0))
-    (s0,), (s1,) = (audit_scores(step, (world,), sampler, **coupled) for world in (without, with_canary))
-    if isinstance(sampler, FixedSizeSampler):
+    (s0,), (s1,) = (audit_scores(step, (world,), sampling, **coupled) for world in (without, with_canary))
+    if isinstance(sampling, FixedSizeSampling):
         np.testing.assert_array_equal(s0, -1.0)  # four examples, each −C, over E[B] = 4
     hits = s1 - s0
     assert set(np.unique(hits)) <= {0.0, 0.5}
@@ -100,7 +100,7 @@ WHOLE_IMAGE = canary_step(crop=CropSpec(16), noise_multiplier=Z, clip_norm=1.0, 
 
 def _audit(crop, z, *, step, runs=20_000) -> AuditResult:
     return audit(image_shape=IMAGE, crop=crop, patch=Patch.rectangle(1), noise_multiplier=z, delta=DELTA,
-                 sampler=FixedSizeSampler(dataset_size=4, batch_size=4), runs=runs, key=jax.random.key(3),
+                 sampling=FixedSizeSampling(dataset_size=4, batch_size=4), runs=runs, key=jax.random.key(3),
                  seed=SamplingSeed.fixed(3), step=step)
 
 

@@ -23,7 +23,7 @@ from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probabil
 SMALL = ["--image-size", "64", "--crop", "16", "--patch", "rect:4x4", "--batch-size", "32",
          "--dataset-size", "1000", "--steps", "200", "--resolution", "1e-3"]
 NO_STEPS = SMALL[:-4] + SMALL[-2:]
-FIXED = A.FixedSizeSampling(32, 1000)
+FIXED = A.FixedSizeSampling(batch_size=32, dataset_size=1000)
 QUICK = dict(sampling=FIXED, resolution=1e-3)
 LEDGER = {"sampling": {"type": "FixedSizeSampling", "batch_size": 32, "dataset_size": 1000},
           "relation": {"type": "ImageLevel"}, "delta": 1e-5, "budget_epsilon": None,
@@ -62,19 +62,19 @@ CLI = [
     (["privacy", *SMALL, "--noise", "1e-300"], 2, "z = 1e-300 is outside"),
     (["privacy", *SMALL, "--noise", "1e300"], 2, r"z = 1e\+300 is outside"),
     (["privacy", *SMALL, "--noise", "nan"], 2, "noise_multiplier .* got nan"),
-    (["privacy", *SMALL, "--delta", "nan"], 2, "delta must be in .* got nan"),
-    (["privacy", *SMALL, "--delta", "1.5"], 2, "delta must be in .* got 1.5"),
+    (["privacy", *SMALL, "--delta", "nan"], 2, "delta must be a finite number in .* got nan"),
+    (["privacy", *SMALL, "--delta", "1.5"], 2, "delta must be a finite number in .* got 1.5"),
     (["privacy", *SMALL, "--resolution", "0"], 2, "resolution .* got 0"),
     (["privacy", *SMALL, "--resolution", "1"], 2, "resolution .* got 1"),
-    (["calibrate", *SMALL, "--epsilon", "inf"], 2, "epsilon must be in .* got inf"),
-    (["privacy", *NO_STEPS, "--epochs", "0"], 2, "epochs must be > 0, got 0"),
-    (["privacy", *NO_STEPS, "--epochs", "inf"], 2, "epochs must be > 0, got inf"),
+    (["calibrate", *SMALL, "--epsilon", "inf"], 2, "epsilon must be a finite number in .* got inf"),
+    (["privacy", *NO_STEPS, "--epochs", "0"], 2, r"epochs must be a finite number in \(0, inf\), got 0"),
+    (["privacy", *NO_STEPS, "--epochs", "inf"], 2, r"epochs must be a finite number in \(0, inf\), got inf"),
     (["privacy", *SMALL, "--steps", "-5"], 2, "--steps must be >= 1, got -5"),
     (["privacy", *SMALL, "--dataset-size", "0"], 2, "dataset_size must be an integer >= 1, got 0"),
     (["privacy", *SMALL, "-K", "2.5"], 2, "invalid int value: '2.5'"),
     (["privacy", *SMALL, "--sampling", "uniform"], 2, "invalid choice: 'uniform'"),
     # sizes, crops and patches
-    (["privacy", *SMALL, "--image-size", "0"], 2, "--image-size must be positive, got '0'"),
+    (["privacy", *SMALL, "--image-size", "0"], 2, r"--image-size must be N, 'HxW' or \[H, W\] with positive integers, got \[0\]"),
     (["privacy", *SMALL, "--image-size", "64x64x3"], 2, "'64x64x3'"),
     (["privacy", *SMALL, "--crop-sizes", "8x8"], 2, "HxW:PROB, got '8x8'"),
     (["privacy", *SMALL, "--crop-sizes", "8x8:0.5,8x8:0.5", "--output-size", "8"], 2, "distinct"),

@@ -28,7 +28,7 @@ def test_privacy_json_matches_the_api(capsys):
     assert r["inclusion_probability"] == p
     assert r["sampling_rate"] == 0.032
     assert r["effective_sampling_rate"] == pytest.approx(0.032 * p)
-    kw = dict(sampling=accounting.FixedSizeSampling(32, 1000), resolution=1e-3)
+    kw = dict(sampling=accounting.FixedSizeSampling(batch_size=32, dataset_size=1000), resolution=1e-3)
     assert r["epsilon_patch"] == accounting.epsilon(1.5, 200, 1e-5, relation=accounting.PatchLevel(p), **kw)
     assert r["epsilon_image"] == accounting.epsilon(1.5, 200, 1e-5, relation=accounting.ImageLevel(), **kw)
     assert r["epsilon_patch"] < r["epsilon_image"]

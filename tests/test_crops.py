@@ -112,6 +112,20 @@ def test_class_labels_pass_through_and_batches_get_independent_crops():
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.parametrize("label", ["map", "class"])
+def test_an_example_with_a_batch_axis_of_one_is_cropped_like_the_example(label):
+    """jax_privacy.clipped_grad(keep_batch_dim=True) hands the loss (1, H, W, C)."""
+    image, label_map = numbered(8, 7)
+    label = label_map if label == "map" else jnp.asarray(2)
+    spec = CropSpec(5, padding=1, crops_per_example=3)
+    key = jax.random.key(5)
+    plain = crop(spec, key, image, label, flip=True)
+    batched = jax.jit(lambda k, x, y: crop(spec, k, x, y, flip=True))(key, image[None], label[None])
+    for want, got in zip(plain, batched):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_crop_validates_its_input():
     with pytest.raises(ValueError, match="larger than the padded image"):
         crop(CropSpec(9), jax.random.key(0), jnp.zeros((8, 8, 1)))

@@ -176,7 +176,7 @@ def test_property_monotone_in_patch_and_crop(H, c, ph, pad):
 
 @pytest.mark.parametrize("bad,match", [
     (lambda: CropSpec(0), "positive integer"),
-    (lambda: CropSpec(2.5), "crop size must be an int"),
+    (lambda: CropSpec(2.5), r"crop size must be N, .HxW. or \[H, W\] with positive integers, got 2.5"),
     (lambda: CropSpec(4, padding=-1), "padding"),
     (lambda: CropSpec(4, crops_per_example=0), "crops_per_example"),
     (lambda: CropSpec([(2, 2), (3, 3)]), "probabilities"),

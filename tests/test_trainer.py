@@ -297,7 +297,7 @@ def test_a_refused_command_leaves_the_run_directory_as_it_was(finished, tiny, ca
                             ({"sampling": "poisson"}, "sampling 'fixed' → 'poisson'"),
                             ({"target_epsilon": 50.0}, "target_epsilon None → 50.0"),
                             ({"dataset_options": {"num_examples": 40, "image_size": 16}},
-                             "sampler.dataset_size 32 → 40")]:
+                             "ledger.sampling.dataset_size 32 → 40")]:
         with pytest.raises(ValueError, match=f"cannot resume {run_dir}: the config differs from its checkpoint in") as error:
             train(config.replace(**change), run_dir=run_dir, resume=True, progress=False)
         assert differs in str(error.value) and "\n" not in str(error.value)
