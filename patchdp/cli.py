@@ -348,9 +348,11 @@ def cmd_audit(args) -> None:
     ε next to the accounted patch- and image-level ε; exits 1 if the bound exceeds the claim."""
     import jax
     from patchdp.audit import audit
-    from patchdp.sampling import FixedSizeSampling, SamplingSeed
-    crop = CropSpec(_size(args.crop, "--crop"), padding=args.padding, crops_per_example=args.crops_per_example)
-    r = audit(image_shape=image_hw(_size(args.image_size, "--image-size")), crop=crop,
+    from patchdp.sampling import SamplingSeed
+
+    crop = CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
+                    crops_per_example=args.crops_per_example)
+    r = audit(image_shape=image_hw(_validation.size("--image-size", args.image_size)), crop=crop,
               patch=parse_patch(args.patch), noise_multiplier=args.noise, delta=args.delta, runs=args.runs,
               sampling=FixedSizeSampling(dataset_size=args.dataset_size, batch_size=args.batch_size),
               key=jax.random.key(args.seed), seed=SamplingSeed.fixed(args.seed))

@@ -58,7 +58,7 @@ import numpy as np
 from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from patchdp import accounting
+from patchdp import _validation, accounting
 
 __all__ = ["privacy_loss_distribution", "dp_event"]
 
@@ -112,6 +112,6 @@ def dp_event(noise_multiplier: float, steps: int, *, sampling: accounting.Sampli
             "compose it in dp_accounting instead.")
     rate = accounting.effective_sampling_rate(sampling, relation)  # validates: Poisson only
     z = accounting._check_noise(noise_multiplier)
-    steps = accounting._check_count("steps", steps)
+    steps = _validation.integer("steps", steps)
     event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
     return dp_accounting.SelfComposedDpEvent(event, steps)
