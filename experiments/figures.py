@@ -174,10 +174,10 @@ class Figure:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
-        record = {"figure": self.name, "settings": self.settings,
-                  "runtime_s": round(time.perf_counter() - self.start, 2), "summary": self.summary, "rows": self.rows}
-        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
-        record["rows"] = [{k: clean(v) for k, v in row.items()} for row in self.rows]
+        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON: NaN, ∞ → null
+        record = {"figure": self.name, "settings": self.settings, "runtime_s": round(time.perf_counter() - self.start, 2),
+                  **{key: [{k: clean(v) for k, v in row.items()} for row in rows]
+                     for key, rows in (("summary", self.summary), ("rows", self.rows))}}
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1, allow_nan=False))
         return record
 
@@ -263,7 +263,9 @@ def figure_a(setting: Setting, quick: bool) -> tuple:
 
 
 def _single_profile_figure(name, setting, quick, title, curves, **settings):
-    """One δ(ε) panel. curves: (kind, label, style, sigma or σ_data, p* or patch area)."""
+    """One δ(ε) panel. curves: (kind, label, (linestyle, colour), σ or σ_data, p* or patch
+    area in px, extra CSV columns); kind "patch"/"image" are DP-SGD curves, "data-level" the
+    comparator."""
     eps = _epsilon_grid(quick)
     data = Figure(name, setting, quick, epsilons=list(eps), **settings)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
