@@ -1,20 +1,25 @@
-"""The paper's training comparison: at the same target ε, noise calibrated by patch-level
-accounting (w = q·p*) against noise calibrated by image-level accounting (w = q), with
-everything else equal; the evaluation score against ε for both, over several seeds.
+"""Figures H and I: the paper's training comparison. At the same target ε, noise calibrated
+by patch-level accounting (w = q·p*) against noise calibrated by image-level accounting
+(w = q), everything else equal; the evaluation score (mIoU or accuracy) against ε for both,
+mean ± std over seeds.
 
-    .venv/bin/python experiments/train_comparison.py              # embedded scale: ~25 min on 2 CPU cores
-    .venv/bin/python experiments/train_comparison.py --config cityscapes_deeplabv3plus \\
-        --epsilons 1 4 8 --seeds 0 1 2                             # a paper dataset (GPU/TPU machine)
+    .venv/bin/python experiments/train_comparison.py                 # embedded scale, CPU (see experiments/README.md)
+    .venv/bin/python experiments/train_comparison.py --config cityscapes_deeplabv3plus \
+        --paper-grid --seeds 0 1 2 3                                  # figure H, Cityscapes (accelerator)
 
-Every run trains ``--config`` (default: the demo's, ``patchdp/configs/demo.toml``) with
-only ``target_epsilon``, ``accounting`` and ``seed`` changed, so both arms spend the same
-ε at the same δ: patch-level DP-SGD for the patch-level arm, standard image-level
-DP-SGD for the other (whose guarantee is the stronger one; the point is what each costs
-in accuracy). Seeds are explicit, so the runs are reproducible and not secure.
+Every run trains ``--config`` (default: the demo's, ``patchdp/configs/demo.toml``, on the
+embedded synthetic scenes) with only ``target_epsilon``, ``accounting`` and ``seed``
+changed (and ``steps`` with ``--steps``), so both arms spend the same ε at the same δ:
+patch-level DP-SGD for the patch-level arm, standard image-level DP-SGD for the other
+(whose guarantee is the stronger one; the point is what each costs in accuracy). The
+paper-setting configs (``cityscapes_*``, ``a2d2_*``, ``mnist_*``, ``dtd_*``) carry the
+paper's step count, ceil(N/B) per epoch, as ``steps``. Seeds are explicit, so the runs are
+reproducible and not secure.
 
-Writes ``results/train_comparison.{csv,json,png}``; each run's directory (report,
-plots, checkpoints) goes to ``results/train_comparison_runs/``. An interrupted sweep
-continues where it stopped: finished runs are read back, unfinished ones resume.
+Writes ``train_comparison[_CONFIG].{csv,json,png}`` into ``--output-dir`` (default
+``experiments/results/``); each run's directory (report, plots, checkpoints) goes to
+``<output-dir>/train_comparison_runs/``. An interrupted sweep continues where it stopped:
+finished runs are read back, unfinished ones resume.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (common.py) and the checkout holding it (its patchdp, not an installed one)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import RESULTS, progress, write_rows  # noqa: E402
 
 from patchdp import plots  # noqa: E402
@@ -35,11 +41,13 @@ from patchdp.config import Config, config_path  # noqa: E402
 from patchdp.trainer import train  # noqa: E402
 
 ACCOUNTINGS = ("patch", "image")
+PAPER_EPSILONS = (1, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)  # figure H's target ε grid
 
 
-def run(config: Config, epsilon: float, accounting: str, seed: int) -> dict:
+def run(config: Config, output_dir: Path, epsilon: float, accounting: str, seed: int) -> dict:
     """One training run; its report, read back when the run had already finished."""
-    run_dir = RESULTS / "train_comparison_runs" / f"{config.name}-eps{epsilon:g}-{accounting}-seed{seed}"
+    length = f"T{config.steps}" if config.steps else f"{config.epochs:g}epochs"
+    run_dir = output_dir / "train_comparison_runs" / f"{config.name}-{length}-eps{epsilon:g}-{accounting}-seed{seed}"
     if (run_dir / "report.json").exists():
         return json.loads((run_dir / "report.json").read_text())
     changed = config.replace(target_epsilon=epsilon, noise_multiplier=None, accounting=accounting, seed=seed)
@@ -58,15 +66,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="demo", help="config file or shipped config name (default: demo)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="target ε values")
+    parser.add_argument("--paper-grid", action="store_true",
+                        help=f"the paper's target ε grid {PAPER_EPSILONS} instead of --epsilons")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (one run per seed and arm)")
+    parser.add_argument("--steps", type=int, help="override the config's number of steps (shorter embedded runs)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where to write (default {RESULTS})")
     args = parser.parse_args(argv)
+    if args.paper_grid:
+        args.epsilons = [float(e) for e in PAPER_EPSILONS]
+    out = args.output_dir
 
     # Runs that share a noise multiplier (the seeds of one arm) share one compilation.
-    jax.config.update("jax_compilation_cache_dir", str(RESULTS / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    config = Config.from_toml(config_path(args.config))
+    config = Config.from_toml(config_path(args.config), {"steps": args.steps} if args.steps else None)
     grid = [(e, a, s) for e in args.epsilons for a in ACCOUNTINGS for s in args.seeds]
-    rows = [row(run(config, *point), *point) for point in progress(grid, "training runs")]
+    rows = [row(run(config, out, *point), *point) for point in progress(grid, "training runs")]
 
     score = "miou" if "miou" in rows[0] else "accuracy"
     summary = {}
@@ -76,11 +91,11 @@ def main(argv=None) -> None:
             z = next(r["noise_multiplier"] for r in rows if r["accounting"] == accounting and r["target_epsilon"] == epsilon)
             summary[accounting, epsilon] = (statistics.mean(values), statistics.pstdev(values), z)
     name = "train_comparison" if args.config == "demo" else f"train_comparison_{config.name}"
-    csv = write_rows(name, rows)
+    csv = write_rows(name, rows, out)
     label = {"patch": "noise calibrated patch-level (w = q·p*)", "image": "noise calibrated image-level (w = q)"}
     curves = {label[a]: (args.epsilons, [summary[a, e][0] for e in args.epsilons]) for a in ACCOUNTINGS}
     errors = {label[a]: [summary[a, e][1] for e in args.epsilons] for a in ACCOUNTINGS}
-    png = plots.line_plot(curves, RESULTS / f"{name}.png", xlabel=f"target ε (δ = {rows[0]['delta']:g})",
+    png = plots.line_plot(curves, out / f"{name}.png", xlabel=f"target ε (δ = {rows[0]['delta']:g})",
                           ylabel=score, logx=True, errors=errors,
                           title=f"{config.model} on {config.dataset}: mean ± std over {len(args.seeds)} seeds")
 

@@ -115,9 +115,12 @@ SHIPPED = {
     "demo": (4096, (64, 64, 3)),
     "cityscapes_deeplabv3plus": (2975, (1024, 2048, 3)),
     "cityscapes_pspnet": (2975, (1024, 2048, 3)),
-    "a2d2_deeplabv3plus": (30000, (604, 960, 3)),
+    "a2d2_deeplabv3plus": (18557, (1208, 1920, 3)),
+    "a2d2_pspnet": (18557, (1208, 1920, 3)),
     "mnist_resnet18": (60000, (28, 28, 1)),
-    "dtd_resnet18": (1880, (256, 256, 3)),
+    "mnist_vgg11": (60000, (28, 28, 1)),
+    "dtd_resnet18": (1880, (300, 300, 3)),
+    "dtd_vgg11": (1880, (300, 300, 3)),
 }
 
 
@@ -139,9 +142,9 @@ def test_shipped_configs_parse_and_plan(name):
 
 def test_the_paper_settings():
     cityscapes = make_plan(Config.from_toml(config_path("cityscapes_deeplabv3plus")), 2975, (1024, 2048, 3))
-    assert cityscapes.steps == 1488 and cityscapes.sampling_rate == 200 / 2975
+    assert cityscapes.steps == 1500 and cityscapes.sampling_rate == 200 / 2975  # the paper's ceil(N/B) per epoch
     assert cityscapes.inclusion_probability == pytest.approx(0.32906, abs=1e-5)
-    assert (cityscapes.noise_multiplier, cityscapes.delta) == (1.0, 1e-5)
+    assert cityscapes.delta == 1 / 2975
     mnist = Config.from_toml(config_path("mnist_resnet18"))
     assert (mnist.crop, mnist.patch, mnist.batch_size, mnist.epochs, mnist.clip_norm) == \
         (((10, 10),), "rect:1x1", 64, 15.0, 1.0)
