@@ -512,7 +512,8 @@ def _rounding_allowance(pld: _PLD, epsilons: np.ndarray) -> np.ndarray:
     count = losses.size - first
     above = np.minimum(first, losses.size - 1)
     geometric = -np.expm1(-count * pld.step) / -math.expm1(-pld.step)  # Σ_{i<count} e^{−i·step}
-    c = np.where(count > 0, count - np.exp(epsilons - losses[above]) * geometric, 0.0)
+    below = np.minimum(epsilons - losses[above], 0.0)  # ≤ 0 wherever count > 0; no overflow elsewhere
+    c = np.where(count > 0, count - np.exp(below) * geometric, 0.0)
     c = np.maximum(c, 0.0) * _BOUND_SLACK + 1e-6  # + its own absolute rounding (≪ 1e-6)
     return np.minimum(pld.error_max * c, pld.error_l2 * np.sqrt(c))
 
