@@ -676,12 +676,12 @@ def markdown(result: dict) -> str:
                   f"| {report.LABELS['epsilon_image']}, same noise | {report.shown(p, 'epsilon_image', '.4f')} |",
                   f"| {report.LABELS['epsilon_add_remove']}, same noise | "
                   f"{report.shown(p, 'epsilon_add_remove', '.4f')} |",
+                  *([f"| {report.LABELS['epsilon_gaussian_augmentation']}, TV = {p['augmentation_tv']:.4g} | "
+                     f"{report.shown(p, 'epsilon_gaussian_augmentation', '.4f')} |"]
+                    if "epsilon_gaussian_augmentation" in p else []),
                   f"| noise z image-level DP needs for ε = {report.shown(p, 'epsilon_patch', '.4g')} | "
                   f"{report.shown(same, 'noise_multiplier_image', '.4f')} "
                   f"({report.shown(same, 'noise_ratio', '.2f')}x) |"]
-        if "epsilon_gaussian_augmentation" in p:
-            lines.append(f"| {report.LABELS['epsilon_gaussian_augmentation']} (TV = {p['augmentation_tv']:.4g}) | "
-                         f"{report.shown(p, 'epsilon_gaussian_augmentation', '.4f')} |")
         if "delta_overflow" in p:
             lines.append(f"| δ added by stopping on Poisson overflow | {p['delta_overflow']:.3g} |")
         lines += ["", "Patch-level and image-level ε are for the substitution relation (one image replaced; "
