@@ -13,7 +13,7 @@ accountant's inclusion probability p*; one sampling object (:class:`FixedSizeSam
 - accounting: ``epsilon``, ``delta``, ``privacy_profile``, ``numerical_floor``,
   ``calibrate_noise``, ``max_steps``, ``Ledger``
 - training: ``private_grad``, ``gaussian_noise``, ``make_train_step``, ``TrainState``,
-  ``Batch``, ``linen_loss``
+  ``Batch``, ``linen_loss``, ``gaussian_pixel_noise``
 
 Names are loaded on first use (module ``__getattr__``), so ``import patchdp`` itself
 imports neither jax nor scipy.
@@ -36,7 +36,8 @@ _HOMES = {
     "patchdp.accounting": ("PatchLevel", "ImageLevel", "AddRemove", "GaussianAugmentation", "epsilon", "delta",
                            "privacy_profile", "numerical_floor", "calibrate_noise", "max_steps", "Ledger"),
     "patchdp.noise": ("gaussian_noise",),
-    "patchdp.training": ("private_grad", "make_train_step", "TrainState", "Batch", "linen_loss"),
+    "patchdp.training": ("private_grad", "make_train_step", "TrainState", "Batch", "linen_loss",
+                         "gaussian_pixel_noise"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -110,7 +110,11 @@ class GaussianAugmentation:
     Each sampled image gets N(0, σ²) noise on every pixel; the patch changes the input by
     at most ``patch_sensitivity`` in L2 (e.g. sqrt(p_h·p_w·channels)·255), so the sampled
     example's input distributions differ in total variation by
-    TV = 2Φ(sensitivity / 2σ) − 1, and w = q·TV.
+    TV = 2Φ(sensitivity / 2σ) − 1, and w = q·TV: the two noisy inputs can be coupled to
+    coincide with probability 1 − TV, so the example's gradient differs with probability
+    at most TV. No credit is taken for crops. The trainer's ``accounting =
+    "gaussian_augmentation"`` uses this relation alone, with the noise added before
+    cropping (:func:`patchdp.training.gaussian_pixel_noise`).
     """
 
     noise_std: float

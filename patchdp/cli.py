@@ -286,6 +286,8 @@ def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
             (f"{report.LABELS['epsilon_image']}, same noise",
              f"{shown(p, 'epsilon_image', '.3f')}  ({shown(p, 'epsilon_ratio', '.1f')}x)"),
             (f"{report.LABELS['epsilon_add_remove']}, same noise", shown(p, "epsilon_add_remove", ".3f")),
+            *([(f"{report.LABELS['epsilon_gaussian_augmentation']}, TV = {p['augmentation_tv']:.4g}",
+                 shown(p, "epsilon_gaussian_augmentation", ".3f"))] if "epsilon_gaussian_augmentation" in p else []),
             (f"noise image-level DP needs for ε = {shown(p, 'epsilon_patch', '.3g')}",
              f"z = {shown(same, 'noise_multiplier_image', '.3f')}  ({shown(same, 'noise_ratio', '.2f')}x the noise)"),
         ]

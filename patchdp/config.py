@@ -12,8 +12,10 @@ by name.
 Noise: give ``noise_multiplier`` (z, the noise std in units of the clip norm), or
 ``target_epsilon``, from which z is calibrated for the planned number of steps by the
 accounting named in ``accounting`` (``"patch"``: w = q·p*; ``"image"``: standard
-DP-SGD, w = q). ``target_epsilon`` is also the budget: training stops before a step
-would exceed it. Giving both fixes z and keeps the budget.
+DP-SGD, w = q; ``"gaussian_augmentation"``: the paper's comparator, w = q·TV with
+TV = 2Φ(Δ / 2σ_aug) − 1 and Δ = sqrt(patch area · channels)·255, which needs
+``augmentation_noise`` = σ_aug and takes no credit for the crops). ``target_epsilon``
+is also the budget: training stops before a step would exceed it. Giving both fixes z and keeps the budget.
 
 Seed: ``seed = None`` (the default) draws every secret — batch sampling, crop offsets,
 noise — from OS entropy: the secure mode the guarantee assumes. An explicit ``seed``
@@ -43,7 +45,7 @@ __all__ = ["Config", "config_path", "parse_patch", "parse_value", "CONFIG_DIR"]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("fixed", "poisson")
-ACCOUNTINGS = ("patch", "image")
+ACCOUNTINGS = ("patch", "image", "gaussian_augmentation")
 NORMALIZATIONS = ("unit", "imagenet")
 
 
@@ -85,6 +87,11 @@ class Config:
       checkpoint_every, log_every, epsilon_every (ε costs ~0.1–0.5 s to refresh),
       tensorboard (also write the logged metrics as TensorBoard event files in
       ``<run_dir>/tensorboard``: ``tensorboard --logdir runs``).
+    Gaussian augmentation (the paper's comparator):
+      augmentation_noise: σ_aug in pixel units (0–255), or None. When set, every sampled
+        image gets fresh N(0, σ_aug²) noise on every pixel each step, before cropping
+        (``patchdp.training.gaussian_pixel_noise``); ``accounting =
+        "gaussian_augmentation"`` requires it and accounts for it alone.
     """
 
     model: str = "unet"
@@ -130,6 +137,7 @@ class Config:
     log_every: int = 10
     epsilon_every: int = 100
     tensorboard: bool = True
+    augmentation_noise: float | None = None
 
     def __post_init__(self):
         from patchdp.data import DATASET_NAMES, dataset_options  # imported here: flax and tfds are slow
@@ -194,6 +202,11 @@ class Config:
         for key in ("eval_batch_size", "log_every", "epsilon_every"):
             _integer(key, getattr(self, key), 1)
         _boolean("tensorboard", self.tensorboard)
+        set_("augmentation_noise", _optional(_number, "augmentation_noise", self.augmentation_noise, 0, math.inf,
+                                             low_open=True))
+        if self.accounting == "gaussian_augmentation" and self.augmentation_noise is None:
+            raise ValueError("config: accounting 'gaussian_augmentation' needs augmentation_noise (σ_aug, the "
+                             "pixel noise std in units 0–255, e.g. augmentation_noise = 50).")
 
     # ------------------------------------------------------------------ derived objects
 

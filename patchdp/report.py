@@ -18,13 +18,16 @@ LABELS = {
     "epsilon_patch": "ε patch-level, substitution",
     "epsilon_image": "ε image-level, substitution (paper's baseline)",
     "epsilon_add_remove": "ε image-level, add/remove + Poisson (Opacus/jax-privacy)",
+    "epsilon_gaussian_augmentation": "ε Gaussian augmentation, w = q·TV (paper's comparator)",
 }
 """How every report names the three guarantees. Substitution (one image replaced, or
 changed inside one patch) is the paper's relation; add/remove (one image added or removed)
 with Poisson sampling at the same rate q is what Opacus and jax-privacy report; its
 sensitivity is C instead of 2C, so its ε at the same noise is much smaller. Compare a
 number from those libraries with ``epsilon_add_remove``, and patch-level with
-``epsilon_image``."""
+``epsilon_image``. A run with ``accounting = "gaussian_augmentation"`` also reports its
+own guarantee, ``epsilon_gaussian_augmentation`` (pixel noise on the input, no credit
+for the crops)."""
 
 
 def add_remove_setting(sampling: accounting.Sampling) -> dict:

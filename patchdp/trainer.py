@@ -39,7 +39,10 @@ and a link to every figure), and ``curves.png``, ``per_class.png``, ``prediction
 batches of ``eval_batch_size``; a partial last batch is padded with ignored labels.
 
 **Privacy.** The guarantee is that of the accounting named in the config (patch level:
-w = q·p* with the crop distribution of ``config.crop_spec``; image level: w = q), at δ,
+w = q·p* with the crop distribution of ``config.crop_spec``; image level: w = q;
+Gaussian augmentation, the paper's comparator: w = q·TV from the pixel noise
+``augmentation_noise`` added to every sampled image before cropping, no credit for
+the crops), at δ,
 for the steps actually taken, under the secure seed mode. Every ε the run shows (report,
 ``metrics.jsonl``, plots) comes from its ledger, i.e. the steps taken with their noise
 multipliers; the report gives ε at the same δ under both accountings. Evaluation scores and the logged training loss are NOT
@@ -73,7 +76,7 @@ from patchdp.events import EventWriter
 from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probability
 from patchdp.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_params, merge_params
 from patchdp.progress import Progress
-from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
+from patchdp.training import Batch, TrainState, gaussian_pixel_noise, make_train_step, replicate, shard_batch
 
 __all__ = ["Plan", "Seeds", "RunDirectoryError", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
 
@@ -143,7 +146,8 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
         if divisor and scheme.padded_size % divisor:
             raise ValueError(f"config: {what} ({divisor}) must divide the batch of {scheme.padded_size} slots; "
                              "change batch_size or microbatch_size.")
-    relation = accounting.PatchLevel(p_star) if config.accounting == "patch" else accounting.ImageLevel()
+    relation = {"patch": lambda: accounting.PatchLevel(p_star), "image": accounting.ImageLevel,
+                "gaussian_augmentation": lambda: gaussian_augmentation(config, image_shape)}[config.accounting]()
     steps = config.steps or scheme.steps_for_epochs(config.epochs)
     delta = config.delta if config.delta is not None else 0.1 / n
     if delta > 1 / n:
@@ -157,6 +161,15 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     return Plan(image_shape=tuple(image_shape), crop=crop, patch=patch,
                 sampling=scheme, relation=relation, inclusion_probability=p_star, steps=steps,
                 delta=delta, noise_multiplier=float(z), budget=config.target_epsilon)
+
+
+def gaussian_augmentation(config: Config, image_shape: tuple[int, int, int]) -> accounting.GaussianAugmentation:
+    """The comparator relation of ``accounting = "gaussian_augmentation"``: pixel noise
+    σ_aug = ``config.augmentation_noise`` and patch sensitivity Δ = sqrt(patch area ·
+    channels)·255, the most the patch can change an image in L2 (pixel units). No credit
+    is taken for the crops: w = q·TV alone."""
+    sensitivity = math.sqrt(config.patch_shape.area * image_shape[2]) * 255.0
+    return accounting.GaussianAugmentation(config.augmentation_noise, sensitivity)
 
 
 # ============================================================================ randomness
@@ -338,7 +351,8 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             make_loss(model, train_set.task, config.input_normalization), optimizer,
             clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
             expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
-            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh)
+            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh,
+            augment=None if config.augmentation_noise is None else gaussian_pixel_noise(config.augmentation_noise))
         log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
         log.keep_until(start)
         if mesh is not None:
@@ -434,7 +448,8 @@ def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str |
 
 # Config keys the steps already taken were accounted (or cropped and clipped) under.
 PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_per_example", "patch",
-                "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution")
+                "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution",
+                "augmentation_noise")
 
 
 def _privacy_setting(config: Config, plan: Plan) -> dict:
@@ -564,7 +579,9 @@ def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
 
     Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
     noise_runs ([[z, count], ...]), noise_multiplier (z, or None when it changed), steps,
-    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch), epsilon_add_remove.
+    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch), epsilon_add_remove;
+    for a Gaussian-augmentation run also augmentation_tv (TV, its w is q·TV) and
+    epsilon_gaussian_augmentation (the run's own guarantee, no credit for the crops).
     """
     runs = ledger.to_dict()["runs"]
 
@@ -586,6 +603,9 @@ def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
                "epsilon_image": epsilon_under(accounting.ImageLevel())}
     add_remove = report.add_remove_setting(ledger.sampling)
     privacy["epsilon_add_remove"] = epsilon_under(add_remove["relation"], add_remove["sampling"])
+    if isinstance(plan.relation, accounting.GaussianAugmentation):
+        privacy["augmentation_tv"] = plan.relation.amplification
+        privacy["epsilon_gaussian_augmentation"] = epsilon_under(plan.relation)
     if len(runs) > 1:
         privacy["noise_multiplier_reason"] = "the noise multiplier changed during the run: see noise_runs"
     _ratio(privacy, "epsilon_ratio", "epsilon_image", "epsilon_patch")
@@ -656,6 +676,9 @@ def markdown(result: dict) -> str:
                   f"| {report.LABELS['epsilon_image']}, same noise | {report.shown(p, 'epsilon_image', '.4f')} |",
                   f"| {report.LABELS['epsilon_add_remove']}, same noise | "
                   f"{report.shown(p, 'epsilon_add_remove', '.4f')} |",
+                  *([f"| {report.LABELS['epsilon_gaussian_augmentation']}, TV = {p['augmentation_tv']:.4g} | "
+                     f"{report.shown(p, 'epsilon_gaussian_augmentation', '.4f')} |"]
+                    if "epsilon_gaussian_augmentation" in p else []),
                   f"| noise z image-level DP needs for ε = {report.shown(p, 'epsilon_patch', '.4g')} | "
                   f"{report.shown(same, 'noise_multiplier_image', '.4f')} "
                   f"({report.shown(same, 'noise_ratio', '.2f')}x) |"]

@@ -40,6 +40,7 @@ seeded from OS entropy (``secrets.randbits(64)``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -52,9 +53,11 @@ from patchdp.clipping import clipped_grad_sum, validate_clip_norm
 from patchdp.inclusion import CropSpec
 from patchdp.noise import gaussian_noise
 
-__all__ = ["Batch", "TrainState", "private_grad", "make_train_step", "linen_loss", "shard_batch", "replicate"]
+__all__ = ["Batch", "TrainState", "private_grad", "make_train_step", "gaussian_pixel_noise", "linen_loss",
+           "shard_batch", "replicate"]
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class TrainState(NamedTuple):
@@ -99,9 +102,27 @@ def linen_loss(model, loss: Callable[[jax.Array, jax.Array], jax.Array]) -> Loss
     return loss_fn
 
 
+def gaussian_pixel_noise(std: float) -> Augment:
+    """``augment(image, key)``: the image (any shape, e.g. (H, W, C) uint8 in pixel units
+    0–255) as float32 plus fresh N(0, std²) noise on every value, ``std`` in the image's
+    units. Nothing is clipped or rounded: the model sees the noisy value itself (any
+    later clipping or rounding would be post-processing of it, and keep the bound).
+
+    The Gaussian-augmentation comparator (:class:`patchdp.accounting.GaussianAugmentation`):
+    two images differing by at most Δ in L2 give noisy inputs at total-variation distance
+    TV = 2Φ(Δ / 2·std) − 1, so they can be coupled to coincide with probability 1 − TV.
+    """
+    std = _validation.number("gaussian_pixel_noise std (pixel units)", std, 0, math.inf, low_open=True)
+
+    def augment(image: jax.Array, key: jax.Array) -> jax.Array:
+        return image.astype(jnp.float32) + std * jax.random.normal(key, image.shape, jnp.float32)
+
+    return augment
+
+
 def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | None,
                  microbatch_size: int | None = None, flip: bool = False, label_fill=0,
-                 unroll: bool | None = None) -> Callable:
+                 unroll: bool | None = None, augment: Augment | None = None) -> Callable:
     """Like ``jax.grad``, for DP-SGD with crops: returns ``grad_fn(params, batch, key)``
     giving ``(grad_sum, stats)``.
 
@@ -127,9 +148,16 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
       flip: random horizontal flips after cropping.
       label_fill: label value in the padding of label maps (e.g. an ignore index).
       unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by backend.
+      augment: optional ``augment(image, key) -> image`` applied to each example's whole
+        image (H, W, C), BEFORE cropping, with a key of its own, e.g.
+        :func:`gaussian_pixel_noise`. Applied before the crops so that the crops, their
+        flips and resizing are post-processing of the augmented image: the bound of
+        :class:`patchdp.accounting.GaussianAugmentation` (an input change of at most Δ in
+        L2) then holds for any K and crop distribution. None leaves the step unchanged.
 
     The returned ``grad_fn(params, batch: Batch, key)`` splits ``key`` into one key per
-    example (the crops), is pure and jittable. ``grad_sum`` has the structure of
+    example (the crops; with ``augment``, each example's key is split once more into a
+    crop key and an augmentation key), is pure and jittable. ``grad_sum`` has the structure of
     ``params`` (leaves ≥ float32). ``stats`` (float32 scalars): ``loss`` (mean over
     valid examples with a finite gradient), ``clipped_fraction`` (of those, the fraction
     whose norm exceeded C), ``valid`` (examples in the batch), ``nonfinite`` (examples
@@ -145,6 +173,9 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
 
     def example_loss(params, example):
         key, image, label = example
+        if augment is not None:
+            key, augment_key = jax.random.split(key)
+            image = augment(image, augment_key)
         if crop is None:
             return loss_fn(params, image, label)
         images, labels = crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
@@ -166,13 +197,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
                     crop: CropSpec | None = None, flip: bool = False, label_fill=0,
                     microbatch_size: int | None = None, unroll: bool | None = None,
-                    mesh: Mesh | None = None) -> Callable:
+                    mesh: Mesh | None = None, augment: Augment | None = None) -> Callable:
     """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``:
     :func:`private_grad`, then :func:`~patchdp.noise.gaussian_noise`, then ``optimizer``.
 
     Args:
-      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll: as in
-        :func:`private_grad`.
+      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment: as
+        in :func:`private_grad`.
       optimizer: any optax transformation (SGD, momentum, Adam, ...); the state's
         ``opt_state`` is this optimizer's (the noise has no state).
       noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
@@ -187,7 +218,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     :func:`private_grad`.
     """
     grad_fn = private_grad(loss_fn, crop=crop, clip_norm=clip_norm, microbatch_size=microbatch_size,
-                           flip=flip, label_fill=label_fill, unroll=unroll)
+                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment)
     noise = gaussian_noise(noise_multiplier, clip_norm, expected_batch_size)
     data = None if mesh is None else _examples(mesh)
 

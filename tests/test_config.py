@@ -91,6 +91,9 @@ def test_command_line_values_read_as_toml(text, value):
     (dict(eval_every=-5), "eval_every"),
     (dict(log_every=0), "log_every"),
     (dict(name=""), "name must be a non-empty string"),
+    (dict(accounting="gaussian_augmentation"), "accounting 'gaussian_augmentation' needs augmentation_noise"),
+    (dict(accounting="gaussian_augmentation", augmentation_noise=0), "augmentation_noise must be a finite number"),
+    (dict(augmentation_noise=-3.0), "augmentation_noise must be a finite number in \\(0, inf\\)"),
 ])
 def test_invalid_values_are_rejected_with_the_key_named(changes, message):
     with pytest.raises(ValueError, match="^config: " + message):

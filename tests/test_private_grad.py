@@ -1,7 +1,7 @@
 """The pieces for an own training loop: private_grad (per-example clipped gradients of
 each example's crops) against a per-example loop written out by hand, for a linen and
 an NNX model; gaussian_noise as a pure optax transformation; make_train_step as their
-composition."""
+composition; the augment hook (Gaussian pixel noise before cropping)."""
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from scipy import stats
 
 import patchdp
 from patchdp import crops
@@ -60,9 +61,14 @@ def nnx_problem():
 
 def by_hand(loss_fn, params, batch, key, clip_norm):
     """Σ over valid examples of clip(∇ mean over the K crops of the loss), one at a time."""
+    return by_hand_with_keys(loss_fn, params, batch, jax.random.split(key, batch.image.shape[0]), clip_norm)
+
+
+def by_hand_with_keys(loss_fn, params, batch, crop_keys, clip_norm):
+    """by_hand with example i cropped by ``crop_keys[i]``."""
     total = jax.tree.map(lambda p: np.zeros(p.shape), params)
     clipped = 0
-    for i, example_key in enumerate(jax.random.split(key, batch.image.shape[0])):
+    for i, example_key in enumerate(crop_keys):
         if not batch.mask[i]:
             continue
 
@@ -146,3 +152,42 @@ def test_optax_chain_of_the_pieces_is_the_train_step():
 def test_private_grad_rejects_bad_settings_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         patchdp.private_grad(lambda p, x, y: 0.0, **kwargs)
+
+
+def test_gaussian_pixel_noise_has_std_sigma_and_keeps_the_pixel_values():
+    sigma = 30.0
+    image = jnp.full((64, 64, 3), 200, jnp.uint8)
+    noisy = patchdp.gaussian_pixel_noise(sigma)(image, jax.random.key(5))
+    assert noisy.dtype == jnp.float32 and noisy.shape == image.shape
+    standardized = (np.asarray(noisy, np.float64).ravel() - 200.0) / sigma  # not clipped to 255
+    assert stats.kstest(standardized, "norm").pvalue > 1e-3
+    with pytest.raises(ValueError, match="std"):
+        patchdp.gaussian_pixel_noise(0.0)
+
+
+def test_the_augment_hook_draws_independent_noise_per_example():
+    """loss = Σ w·image: the non-private gradient sum is Σ_i of the (noisy) images, of
+    std σ·sqrt(n) for n independent draws (σ·n if the examples shared their noise)."""
+    n, sigma = 4, 10.0
+    batch = patchdp.Batch(jnp.zeros((n, 32, 32, 1), jnp.uint8), jnp.zeros(n, jnp.int32))
+    grad_fn = patchdp.private_grad(lambda w, x, y: jnp.sum(w * x), crop=None, clip_norm=None,
+                                   augment=patchdp.gaussian_pixel_noise(sigma))
+    grads, _ = grad_fn(jnp.zeros((32, 32, 1)), batch, jax.random.key(2))
+    assert np.std(grads) == pytest.approx(sigma * np.sqrt(n), rel=0.1)
+
+
+def test_private_grad_with_augment_crops_each_examples_augmented_image():
+    """Against the loop by hand: example i's key splits into (crop key, augmentation key)."""
+    params, loss_fn = linen_problem()
+    batch, key, augment = batch_of(), jax.random.key(7), patchdp.gaussian_pixel_noise(0.5)
+    example_keys = jax.random.split(key, batch.image.shape[0])
+    crop_keys, noisy = [], []
+    for example_key, image in zip(example_keys, batch.image):
+        crop_key, augment_key = jax.random.split(example_key)
+        crop_keys.append(crop_key)
+        noisy.append(augment(image, augment_key))
+    want, _ = by_hand_with_keys(loss_fn, params, batch._replace(image=jnp.stack(noisy)), crop_keys, C)
+    grad_fn = jax.jit(patchdp.private_grad(loss_fn, crop=SPEC, clip_norm=C, augment=augment))
+    grads, _ = grad_fn(params, batch, key)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)

@@ -431,3 +431,22 @@ def test_export_verb_writes_the_same_export(finished, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"export": str(tmp_path / "cli")}
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["model.json", "params.npz"]
     assert main(["export", str(tmp_path), str(tmp_path / "none")]) == 2  # not a run directory: one line
+
+
+def test_a_gaussian_augmentation_run_reports_its_own_guarantee(tiny, tmp_path, capsys):
+    """accounting = "gaussian_augmentation": the report's ε is that of w = q·TV with
+    Δ = sqrt(3·3 patch pixels · 3 channels)·255, computed here by accounting.epsilon."""
+    sigma = 2000.0  # Δ / 2σ = 0.33: TV = 0.26, well below image-level's 1
+    config = Config.from_toml(tiny, {"accounting": "gaussian_augmentation", "augmentation_noise": sigma, "steps": 3,
+                                     "checkpoint_every": 0, "tensorboard": False})
+    report = train(config, run_dir=tmp_path, progress=False)
+    relation = accounting.GaussianAugmentation(sigma, np.sqrt(3 * 3 * 3) * 255)
+    want = accounting.epsilon(1.0, 3, 1e-5, sampling=accounting.FixedSizeSampling(batch_size=8, dataset_size=32),
+                              relation=relation, resolution=1e-3)
+    p = report["privacy"]
+    assert report["steps"] == 3 and p["augmentation_tv"] == pytest.approx(relation.amplification)
+    assert p["epsilon_gaussian_augmentation"] == pytest.approx(want, rel=1e-9)
+    assert p["epsilon_gaussian_augmentation"] < p["epsilon_image"] and 0.2 < p["augmentation_tv"] < 0.3
+    assert "ε Gaussian augmentation, w = q·TV" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="needs augmentation_noise"):
+        config.replace(augmentation_noise=None)
