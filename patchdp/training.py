@@ -49,7 +49,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from patchdp import _validation, crops
-from patchdp.clipping import clipped_grad_sum, validate_clip_norm
+from patchdp.clipping import clipped_grad_sum, validate_clip_norm, validate_clipping
 from patchdp.inclusion import CropSpec
 from patchdp.noise import gaussian_noise
 
@@ -122,7 +122,8 @@ def gaussian_pixel_noise(std: float) -> Augment:
 
 def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | None,
                  microbatch_size: int | None = None, flip: bool = False, label_fill=0,
-                 unroll: bool | None = None, augment: Augment | None = None) -> Callable:
+                 unroll: bool | None = None, augment: Augment | None = None,
+                 clipping: str = "auto") -> Callable:
     """Like ``jax.grad``, for DP-SGD with crops: returns ``grad_fn(params, batch, key)``
     giving ``(grad_sum, stats)``.
 
@@ -154,6 +155,10 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
         flips and resizing are post-processing of the augmented image: the bound of
         :class:`patchdp.accounting.GaussianAugmentation` (an input change of at most Δ in
         L2) then holds for any K and crop distribution. None leaves the step unchanged.
+      clipping: how the per-example norms and the clipped sum are computed, all with the
+        same result: ``"auto"`` (default, the fastest: book-keeping, :mod:`patchdp.bookkeeping`),
+        ``"direct"``, ``"unfold"``, ``"ghost"`` (book-keeping with that method for every
+        layer), or ``"per_example"`` (``vmap`` of per-example gradients, the reference).
 
     The returned ``grad_fn(params, batch: Batch, key)`` splits ``key`` into one key per
     example (the crops; with ``augment``, each example's key is split once more into a
@@ -170,22 +175,25 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
                          f"got {type(crop).__name__}.")
     if microbatch_size is not None:
         _validation.integer("microbatch_size (examples per microbatch, dividing the batch size)", microbatch_size)
+    validate_clipping(clipping)
 
-    def example_loss(params, example):
-        key, image, label = example
+    def views(key, image, label):
+        """The example's K views, (K, h, w, C) and (K, ...); the image itself if no crop."""
         if augment is not None:
             key, augment_key = jax.random.split(key)
             image = augment(image, augment_key)
         if crop is None:
-            return loss_fn(params, image, label)
-        images, labels = crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, images, labels))
+            return image[None], label[None]
+        return crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
+
+    view_loss = lambda params, view: loss_fn(params, *view)
 
     def grad_fn(params, batch: Batch, key: jax.Array):
         keys = jax.random.split(key, batch.image.shape[0])
+        examples = jax.vmap(views)(keys, batch.image, batch.label)
         grad_sum, stats = clipped_grad_sum(
-            example_loss, params, (keys, batch.image, batch.label), batch.mask,
-            clip_norm=clip_norm, microbatch_size=microbatch_size, unroll=unroll)
+            view_loss, params, examples, batch.mask, clip_norm=clip_norm,
+            microbatch_size=microbatch_size, unroll=unroll, clipping=clipping)
         counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
         return grad_sum, {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
                           "valid": stats.valid, "nonfinite": stats.nonfinite}
@@ -197,13 +205,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
                     crop: CropSpec | None = None, flip: bool = False, label_fill=0,
                     microbatch_size: int | None = None, unroll: bool | None = None,
-                    mesh: Mesh | None = None, augment: Augment | None = None) -> Callable:
+                    mesh: Mesh | None = None, augment: Augment | None = None,
+                    clipping: str = "auto") -> Callable:
     """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``:
     :func:`private_grad`, then :func:`~patchdp.noise.gaussian_noise`, then ``optimizer``.
 
     Args:
-      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment: as
-        in :func:`private_grad`.
+      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment,
+        clipping: as in :func:`private_grad`.
       optimizer: any optax transformation (SGD, momentum, Adam, ...); the state's
         ``opt_state`` is this optimizer's (the noise has no state).
       noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
@@ -218,7 +227,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     :func:`private_grad`.
     """
     grad_fn = private_grad(loss_fn, crop=crop, clip_norm=clip_norm, microbatch_size=microbatch_size,
-                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment)
+                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment,
+                           clipping=clipping)
     noise = gaussian_noise(noise_multiplier, clip_norm, expected_batch_size)
     data = None if mesh is None else _examples(mesh)
 
