@@ -24,14 +24,18 @@ for the global arrays, so a step on 8 devices equals the step on 1 device for th
 same key (up to float summation order), and noise is added once.
 
 **Multi-host (TPU pods, multi-node GPU).** Call ``jax.distributed.initialize()`` in
-every process before anything else; build the mesh over ``jax.devices()`` (all
+every process before any other JAX call; build the mesh over ``jax.devices()`` (all
 processes' devices, e.g. ``jax.make_mesh((jax.device_count(),), ("data",))``; its axes
 are used in Auto mode, XLA partitioning the global program); give
 every process the same sampling seed and step key so they agree on the batch indices
-and the noise (``jax.experimental.multihost_utils.broadcast_one_to_all``); let each
-process load only its slice of the batch and assemble the global batch with
-``jax.make_array_from_process_local_data(NamedSharding(mesh, P(mesh.axis_names)), local)``.
-The step itself is unchanged.
+and the noise (``jax.experimental.multihost_utils.broadcast_one_to_all``); place the
+(identical) initial state with :func:`replicate`; let each process load only its slice
+of the batch, the rows its devices hold
+(``sharding.addressable_devices_indices_map((B,))``), and assemble the global batch
+leaf by leaf with ``jax.make_array_from_process_local_data(sharding, local)``, where
+``sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))``. The step itself is
+unchanged; its outputs are replicated, readable in every process. tests/test_multiprocess.py
+runs this in 2 processes and checks it against the step in one process.
 
 **Keys.** The step key drives crops and noise, so the privacy guarantee needs it
 secret and fresh each step: e.g. ``jax.random.fold_in(base, step)`` with ``base``
