@@ -52,6 +52,7 @@ parameters, so the result equals the per-example path for any model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Callable
@@ -144,17 +145,18 @@ def choose_method(layer: Layer, views: int = 1) -> str:
 # ---------------------------------------------------------------------------------------
 # Finding the layers: one trace of the loss under flax's method interceptor.
 
-_STATE = {"bypass": False}
+_BYPASS = contextvars.ContextVar("patchdp_bookkeeping_bypass", default=False)
 
 
 @contextlib.contextmanager
 def _bypass():
-    """Lets a layer's own ``apply`` run without the interceptors seeing it again."""
-    previous, _STATE["bypass"] = _STATE["bypass"], True
+    """Lets a layer's own ``apply`` run without the interceptors seeing it again (trace
+    time only; per thread and task)."""
+    token = _BYPASS.set(True)
     try:
         yield
     finally:
-        _STATE["bypass"] = previous
+        _BYPASS.reset(token)
 
 
 def _path(module: nn.Module) -> str:
@@ -185,7 +187,7 @@ def find_layers(loss_fn: Callable, params, view, *, method: str = "auto", views:
     calls, found, layers = {}, {}, []
 
     def record(next_fun, args, kwargs, context):
-        if _STATE["bypass"]:
+        if _BYPASS.get():
             return next_fun(*args, **kwargs)
         module, name = context.module, _path(context.module)
         calls[name] = calls.get(name, 0) + 1
@@ -230,7 +232,7 @@ def _used_only_by_their_layer(loss_fn, params, view, layers: list[Layer]) -> lis
         """The loss with the covered leaves as ``covered``, each layer reading ``copies``."""
 
         def substitute(next_fun, args, kwargs, context):
-            layer = None if _STATE["bypass"] else by_name.get(_path(context.module))
+            layer = None if _BYPASS.get() else by_name.get(_path(context.module))
             if layer is None:
                 return next_fun(*args, **kwargs)
             return layer.apply([copies[i] for i in layer.leaves], args[0])
@@ -258,7 +260,7 @@ def _taped(loss_fn: Callable) -> Callable:
         inputs = {}
 
         def tape(next_fun, args, kwargs, context):
-            name = None if _STATE["bypass"] else _path(context.module)
+            name = None if _BYPASS.get() else _path(context.module)
             if name not in perturbations or context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
             inputs[name] = args[0]
@@ -320,7 +322,7 @@ def _direct_grads(layer: Layer, params: list, x: jax.Array, g: jax.Array) -> lis
 def _ghost_square_bound(layer: Layer, x: jax.Array, g: jax.Array) -> jax.Array:
     """(B,) upper bounds on ‖G_i‖² + ‖∇b_i‖² from Gram matrices, rounding included
     (module docstring, "Guarantee")."""
-    patches, out = _patches(layer, x), _outputs(g)
+    patches, out = _patches(layer, x).astype(jnp.float32), _outputs(g).astype(jnp.float32)  # e.g. bfloat16 layers
     gram = lambda a: jnp.einsum("btd,bsd->bts", a, a, precision=HIGHEST)
     products = gram(patches) * gram(out)
     kernel = _pairwise_sum(products.reshape(products.shape[0], -1))
