@@ -69,6 +69,7 @@ METHODS = ("direct", "unfold", "ghost")
 HIGHEST = jax.lax.Precision.HIGHEST
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 MAX_GHOST_GAMMA = 0.01
+SMALL_PATCH = 32
 
 
 def gamma(n: int) -> float:
@@ -126,18 +127,17 @@ def choose_method(layer: Layer, views: int = 1) -> str:
     - ``ghost`` when T·(d + o) < d·o, i.e. its T²·(d + o) multiply-adds undercut the
       T·d·o of materialising G_i (few positions, many channels), and its rounding
       allowance γ_n stays ≤ 1%;
-    - ``unfold`` for dense layers and 1×1 convolutions, whose patch matrix is the input
-      itself;
-    - ``direct`` otherwise: for kernels larger than 1×1 the grouped convolution beat the
-      patch matrix (which copies every input value kernel-area times) on every layer
-      measured.
+    - ``unfold`` for dense layers, 1×1 convolutions (the patch matrix is the input
+      itself) and patches of at most 32 values (a first layer on RGB images: 3·3·3);
+    - ``direct`` otherwise: there the grouped convolution was as fast as or faster than
+      the patch matrix, which copies every input value kernel-area times.
     """
     if not _unfoldable(layer.module):
         return "direct"
     positions, patch, out = layer.sizes(views)
     if positions * (patch + out) < patch * out and gamma(_ghost_terms(layer, positions)) <= MAX_GHOST_GAMMA:
         return "ghost"
-    if not layer.spatial or math.prod(layer.module.kernel_size) == 1:
+    if not layer.spatial or math.prod(layer.module.kernel_size) == 1 or patch <= SMALL_PATCH:
         return "unfold"
     return "direct"
 
@@ -278,19 +278,27 @@ def _taped(loss_fn: Callable) -> Callable:
 
 
 def _patches(layer: Layer, x: jax.Array) -> jax.Array:
-    """(B, T, d) patch matrices: row t is the input patch output position t reads, in
-    the order (input channel, *kernel offsets) of ``conv_general_dilated_patches``."""
+    """(B, T, d) patch matrices: row t is the input patch that output position t reads,
+    ordered (*kernel offsets, input channel) like the flattened kernel, gathered by
+    strided slices of the padded input (data movement only)."""
     if not layer.spatial:
         return x.reshape(x.shape[0], -1, x.shape[-1])
     module, rank = layer.module, layer.spatial
-    tuple_of = lambda v: (1,) * rank if v is None else (v,) * rank if isinstance(v, int) else tuple(v)
-    letters = "DHW"[3 - rank:]
+    as_tuple = lambda v: (1,) * rank if v is None else (v,) * rank if isinstance(v, int) else tuple(v)
+    kernel, strides, dilation = tuple(module.kernel_size), as_tuple(module.strides), as_tuple(module.kernel_dilation)
     images = x.reshape((-1,) + x.shape[-(rank + 1):])
-    patches = jax.lax.conv_general_dilated_patches(
-        images, module.kernel_size, tuple_of(module.strides), nn.linear.canonicalize_padding(module.padding, rank),
-        rhs_dilation=tuple_of(module.kernel_dilation), precision=HIGHEST,
-        dimension_numbers=("N" + letters + "C", letters + "IO", "N" + letters + "C"))
-    return patches.reshape(x.shape[0], -1, patches.shape[-1])
+    spatial = images.shape[1:-1]
+    padding = nn.linear.canonicalize_padding(module.padding, rank)
+    if isinstance(padding, str):
+        window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+        padding = jax.lax.padtype_to_pads(spatial, window, strides, padding)
+    images = jnp.pad(images, ((0, 0), *padding, (0, 0)))
+    out = layer.output_shape[-(rank + 1):-1]
+    columns = [images[(slice(None), *(slice(o * d, o * d + (n - 1) * s + 1, s)
+                                      for o, d, n, s in zip(offset, dilation, out, strides)))]
+               for offset in np.ndindex(*kernel)]
+    patches = jnp.stack(columns, axis=-2)  # (N, *out, kernel area, C)
+    return patches.reshape(x.shape[0], -1, math.prod(kernel) * images.shape[-1])
 
 
 def _outputs(g: jax.Array) -> jax.Array:
@@ -302,9 +310,8 @@ def _unfold_grads(layer: Layer, x: jax.Array, g: jax.Array) -> list[jax.Array]:
     """Per-example gradients (B, *leaf shape) from the patch matrix: P_iᵀ g_i."""
     patches, out = _patches(layer, x), _outputs(g)
     kernel = jnp.einsum("btd,bto->bdo", patches, out, precision=HIGHEST)
-    if layer.spatial:  # (B, C·k…, o) -> (B, k…, C, o)
-        kernel = kernel.reshape((x.shape[0], x.shape[-1], *layer.module.kernel_size, out.shape[-1]))
-        kernel = jnp.moveaxis(kernel, 1, -2)
+    if layer.spatial:  # (B, k…·C, o) -> (B, k…, C, o)
+        kernel = kernel.reshape((x.shape[0], *layer.module.kernel_size, x.shape[-1], out.shape[-1]))
     own = {"kernel": kernel, "bias": jnp.sum(out, axis=1)}
     return [own[key] for key in layer.names]
 

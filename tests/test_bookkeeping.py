@@ -181,6 +181,7 @@ def test_grouped_convolutions_get_the_direct_method():
     ((3, 3), 4, 512, 512, "ghost"),  # ResNet-18's last stage: few pixels, many channels
     ((3, 3), 64, 16, 16, "direct"),  # a U-Net's first level: many pixels, few channels
     ((1, 1), 64, 16, 16, "unfold"),  # a 1×1 convolution: the patch matrix is the input
+    ((3, 3), 64, 3, 16, "unfold"),  # a first layer on RGB: 27-value patches
 ])
 def test_cost_model_picks_the_method_measured_fastest(kernel, image, channels, outputs, method):
     model = nn.Conv(outputs, kernel)
