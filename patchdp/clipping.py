@@ -107,14 +107,16 @@ def clip_per_example(grads: PyTree, clip_norm: float, mask: jax.Array | None = N
 
 def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: jax.Array | None = None, *,
                      clip_norm: float | None, microbatch_size: int | None = None,
-                     unroll: bool | None = None, clipping: str = "auto") -> tuple[PyTree, GradStats]:
+                     unroll: bool | None = None, clipping: str = "auto",
+                     views: Callable | None = None) -> tuple[PyTree, GradStats]:
     """The sum of clipped per-example gradients over a logical batch, in microbatches.
 
     Args:
       loss_fn: ``loss_fn(params, view) -> scalar``, for ONE view of one example (a slice
         of ``examples`` along axes 0 and 1); an example's loss is its views' mean.
       params: the parameters (any pytree; may be sharded).
-      examples: a pytree whose leaves have shape (B, K, ...): K views of each of B examples.
+      examples: a pytree whose leaves have shape (B, K, ...): K views of each of B
+        examples; or, with ``views``, any pytree with leading axis B.
       mask: optional bool (B,); False marks padded slots, which contribute nothing.
       clip_norm: C > 0; or None for the non-private baseline: the gradient of the
         masked loss sum, with no per-example gradients, no clipping, and non-finite
@@ -133,6 +135,9 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
         ``"ghost"`` book-keeping with that method for every layer that supports it;
         ``"per_example"`` ``vmap`` of per-example gradients of everything (the
         reference). Ignored by the non-private baseline.
+      views: optional ``views(example) -> pytree with leaves (K, ...)``, the K views of
+        one example (e.g. its random crops), formed inside the microbatch loop so that
+        their memory follows the microbatch, not the logical batch.
 
     Returns:
       (S, stats): S has the structure of ``params`` with leaves of at least float32;
@@ -150,14 +155,17 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
     if clip_norm is None:
-        one = lambda chunk: _plain_sum(loss_fn, params, chunk)
+        accumulate = lambda chunk: _plain_sum(loss_fn, params, chunk)
     elif clipping == "per_example":
-        one = lambda chunk: _private_sum(loss_fn, params, chunk, clip_norm)
+        accumulate = lambda chunk: _private_sum(loss_fn, params, chunk, clip_norm)
     else:
-        view = jax.tree.map(lambda x: x[0, 0], examples)
+        first = jax.tree.map(lambda x: x[0], examples)
+        shapes = jax.eval_shape(views, first) if views is not None else first
+        view = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes)
         layers = bookkeeping.find_layers(loss_fn, params, view, method=clipping,
-                                         views=jax.tree.leaves(examples)[0].shape[1])
-        one = lambda chunk: _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm)
+                                         views=jax.tree.leaves(shapes)[0].shape[0])
+        accumulate = lambda chunk: _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm)
+    one = accumulate if views is None else lambda chunk: accumulate((jax.vmap(views)(chunk[0]), chunk[1]))
     count = size // micro
     if count == 1:
         return one((examples, mask))

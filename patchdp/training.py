@@ -181,8 +181,9 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
         _validation.integer("microbatch_size (examples per microbatch, dividing the batch size)", microbatch_size)
     validate_clipping(clipping)
 
-    def views(key, image, label):
+    def views(example):
         """The example's K views, (K, h, w, C) and (K, ...); the image itself if no crop."""
+        key, image, label = example
         if augment is not None:
             key, augment_key = jax.random.split(key)
             image = augment(image, augment_key)
@@ -194,10 +195,9 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
 
     def grad_fn(params, batch: Batch, key: jax.Array):
         keys = jax.random.split(key, batch.image.shape[0])
-        examples = jax.vmap(views)(keys, batch.image, batch.label)
         grad_sum, stats = clipped_grad_sum(
-            view_loss, params, examples, batch.mask, clip_norm=clip_norm,
-            microbatch_size=microbatch_size, unroll=unroll, clipping=clipping)
+            view_loss, params, (keys, batch.image, batch.label), batch.mask, clip_norm=clip_norm,
+            microbatch_size=microbatch_size, unroll=unroll, clipping=clipping, views=views)
         counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
         return grad_sum, {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
                           "valid": stats.valid, "nonfinite": stats.nonfinite}
