@@ -272,12 +272,13 @@ def main():
     used = {ARMS[arm].worker for arm in arms} | {"repo"}  # repo: writes the initial parameters
     pythons = {w: Path(sys.executable) if WORKERS[w][0] is None else ensure_venv(WORKERS[w][0], packages[WORKERS[w][0]])
                for w in WORKERS if w in used}
-    commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "patchdp"],
-                           capture_output=True, text=True).stdout.strip()
+    def git(*command):
+        return subprocess.run(["git", "-C", str(ROOT), *command], capture_output=True, text=True).stdout.strip()
+
+    commit = f"checkout {git('rev-parse', '--short', 'HEAD')}, patchdp/ last changed in {git('log', '-1', '--format=%h %s', '--', 'patchdp')}"
+    dirty = git("status", "--porcelain", "--", "patchdp")
     print(f"{stamp:%Y-%m-%d %H:%M} UTC; {' '.join(sys.argv)}; {os.cpu_count()} CPU cores; "
-          f"load average {os.getloadavg()[0]:.1f}; patchdp {commit}{' (modified)' if dirty else ''}; "
+          f"load average {os.getloadavg()[0]:.1f}; {commit}{' (patchdp/ modified)' if dirty else ''}; "
           f"batch {batch_size}, {rounds} rounds; logs and raw results in {data}", flush=True)
 
     # The memory pass's fresh JAX processes load the timing workers' executables from
