@@ -4,19 +4,21 @@
 
 In one run, on the same model, batch and key:
 
-* time ratio — the private step (per-example gradients, clip, noise) over the
-  non-private step (``clip_norm=None, noise_multiplier=0``: one batch gradient), for a
-  ~100k-parameter U-Net on 64×64×3 inputs, batch 32, and a ResNet-18 classifier
-  (11M parameters, GroupNorm) on 32×32×3 inputs, batch 32 (the U-Net also with both
-  steps in microbatches of 8); the fastest of a few steps after compilation, the two
-  steps alternating;
-* memory ratio — XLA's compiled peak memory (``compiled.memory_analysis()``:
-  arguments + outputs + temporaries − aliased donations, as buffer-assigned) of the
-  private U-Net step for a logical batch of 256 in microbatches of 16 over a logical
-  batch of 16, for the unrolled loop (CPU default) and ``lax.scan`` (accelerator
-  default).
+* step time and peak memory of the non-private step (``clip_norm=None,
+  noise_multiplier=0``: one batch gradient), the private step with its default
+  book-keeping clipping, the private step with per-example gradients by ``vmap``
+  (the pre-book-keeping path), and both default steps in microbatches of 8, for a
+  117k-parameter U-Net on 64×64×3 inputs and a ResNet-18 classifier (11.2M
+  parameters, GroupNorm) on 32×32×3 inputs, batch 32; the fastest of a few steps
+  after compilation, all arms alternating; peak memory is XLA's compiled peak
+  (``compiled.memory_analysis()``: arguments + outputs + temporaries − aliased
+  donations, as buffer-assigned); ratios are over the non-private whole-batch step;
+* microbatching's memory ratio: the private U-Net step's peak for a logical batch of
+  256 in microbatches of 16 over a logical batch of 16, for the unrolled loop (CPU
+  default) and ``lax.scan`` (accelerator default).
 
-Targets: time ratio ≤ 1.3, memory ratio ≤ 1.2. Results: benchmarks/README.md.
+Targets (issue 9): DP / non-private ≤ 1.2 (U-Net) and ≤ 1.3 (ResNet-18), DP peak memory ≤ 1.5×
+the non-private peak; microbatching memory ratio ≤ 1.2. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -99,29 +101,41 @@ def step_fn(loss, private, batch_size, **options):
                            **privacy, **options)
 
 
-def time_ratio(name, model, image_shape, label_shape, batch_size, classes, repeats, microbatch_size=None):
-    """Step times of the non-private and the private step (both with the same
-    microbatching), measured alternately so that load from other processes hits both
-    alike; the fastest of ``repeats`` each (the least disturbed), and their ratio."""
+ARMS = {  # name -> (private, options); "non-private" is the denominator of every ratio
+    "non-private": (False, {}),
+    "DP book-keeping (default)": (True, {}),
+    "DP per-example (vmap)": (True, dict(clipping="per_example")),
+    "non-private, microbatch 8": (False, dict(microbatch_size=8)),
+    "DP book-keeping, microbatch 8": (True, dict(microbatch_size=8)),
+}
+
+
+def time_arms(name, model, image_shape, label_shape, batch_size, classes, repeats, target):
+    """Step times and compiled peak memory of every arm on the same parameters, batch and
+    keys; the arms alternate step by step so that load from other processes hits all
+    alike; the fastest of ``repeats`` each (the least disturbed). Ratios are over the
+    non-private whole-batch step."""
     params, batch, loss = setup(model, image_shape, label_shape, batch_size, classes)
-    steps = {private: step_fn(loss, private, batch_size, microbatch_size=microbatch_size)
-             for private in (False, True)}
-    states, samples = {}, {False: [], True: []}
-    for private, step in steps.items():  # compile
-        state = TrainState.create(jax.tree.map(jnp.copy, params), optax.sgd(0.1, momentum=0.9))
-        states[private] = jax.block_until_ready(step(state, batch, jax.random.key(1))[0])
-    for i in range(repeats):
-        for private, step in steps.items():
-            start = time.perf_counter()
-            states[private] = jax.block_until_ready(step(states[private], batch, jax.random.key(2 + i))[0])
-            samples[private].append(time.perf_counter() - start)
-    plain, private = min(samples[False]), min(samples[True])
     count = sum(p.size for p in jax.tree.leaves(params))
-    name += f", microbatch {microbatch_size}" if microbatch_size else ""
-    print(f"time    {name:24s} {count / 1e6:5.2f}M params, batch {batch_size}, input {image_shape}: "
-          f"non-private {plain * 1e3:6.0f} ms, DP {private * 1e3:6.0f} ms, ratio {private / plain:.2f} "
-          f"(target <= 1.3)", flush=True)
-    return private / plain
+    print(f"{name}: {count:,} parameters, batch {batch_size}, input {image_shape}", flush=True)
+    steps, states, peaks, samples = {}, {}, {}, {}
+    for arm, (private, options) in ARMS.items():
+        steps[arm] = step_fn(loss, private, batch_size, **options)
+        state = TrainState.create(jax.tree.map(jnp.copy, params), optax.sgd(0.1, momentum=0.9))
+        peaks[arm] = peak_bytes(steps[arm], state, batch)
+        states[arm] = jax.block_until_ready(steps[arm](state, batch, jax.random.key(1))[0])  # compile
+        samples[arm] = []
+    for i in range(repeats):
+        for arm, step in steps.items():
+            start = time.perf_counter()
+            states[arm] = jax.block_until_ready(step(states[arm], batch, jax.random.key(2 + i))[0])
+            samples[arm].append(time.perf_counter() - start)
+    base, base_peak = min(samples["non-private"]), peaks["non-private"]
+    for arm in ARMS:
+        best = min(samples[arm])
+        print(f"  {arm:31s} {best * 1e3:7.0f} ms  ratio {best / base:5.2f}   peak {peaks[arm] / 2**20:7.1f} MiB  "
+              f"ratio {peaks[arm] / base_peak:5.2f}", flush=True)
+    print(f"  targets: time ratio <= {target}, memory ratio <= 1.5", flush=True)
 
 
 def peak_bytes(step, state, batch) -> int:
@@ -153,9 +167,8 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    time_ratio("U-Net", UNet(), (64, 64, 3), (64, 64), 32, 4, args.repeats)
-    time_ratio("U-Net", UNet(), (64, 64, 3), (64, 64), 32, 4, args.repeats, microbatch_size=8)
-    time_ratio("ResNet-18", ResNet18(), (32, 32, 3), (), 32, 10, args.repeats)
+    time_arms("U-Net", UNet(), (64, 64, 3), (64, 64), 32, 4, args.repeats, target=1.2)
+    time_arms("ResNet-18", ResNet18(), (32, 32, 3), (), 32, 10, args.repeats, target=1.3)
     for unroll in (True, False):
         memory_ratio(unroll)
     print(f"total {time.perf_counter() - start:.0f} s")

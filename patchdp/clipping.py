@@ -11,6 +11,12 @@ non-finite entry (or its squared norm overflows float32), else 1. Every term has
 most 2C: the sensitivity the accountant assumes, in units of C. Padded slots (m_i = 0)
 and non-finite examples contribute exactly zero.
 
+Each example may have K views (e.g. K random crops); its loss is the mean over them, and
+g_i is the gradient of that mean. The per-example norms and the sum come either from
+per-example gradients (``vmap`` of ``grad``, method ``"per_example"``) or, by default,
+from book-keeping (:mod:`patchdp.bookkeeping`), which gives the same result without
+materialising the per-example gradients of the large layers.
+
 A logical batch may be processed in physical microbatches whose clipped sums are
 accumulated, so that peak memory follows the microbatch, not the logical batch; noise
 is added once to the total afterwards (``patchdp.noise``). With ``clip_norm=None`` the
@@ -27,8 +33,12 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from patchdp import bookkeeping
+
 __all__ = ["GradStats", "per_example_grads", "per_example_norms", "clip_per_example",
-           "clipped_grad_sum", "validate_clip_norm"]
+           "clipped_grad_sum", "validate_clip_norm", "validate_clipping", "example_loss", "CLIPPING"]
+
+CLIPPING = ("auto", "per_example") + bookkeeping.METHODS
 
 PyTree = object
 
@@ -49,10 +59,16 @@ class GradStats(NamedTuple):
     nonfinite: jax.Array
 
 
+def example_loss(loss_fn: Callable) -> Callable:
+    """``(params, views) -> scalar``: the mean of ``loss_fn(params, view)`` over the views
+    (leading axis K of every leaf of ``views``)."""
+    return lambda params, views: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, views))
+
+
 def per_example_grads(loss_fn: Callable, params: PyTree, examples: PyTree) -> tuple[jax.Array, PyTree]:
-    """Losses (B,) and gradients (each leaf (B,) + the parameter's shape) of
-    ``loss_fn(params, example) -> scalar`` for every example along axis 0 of ``examples``."""
-    return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, examples)
+    """Losses (B,) and gradients (each leaf (B,) + the parameter's shape) of every
+    example's mean view loss, ``examples`` having leaves (B, K, ...)."""
+    return jax.vmap(jax.value_and_grad(example_loss(loss_fn)), in_axes=(None, 0))(params, examples)
 
 
 def per_example_norms(grads: PyTree) -> jax.Array:
@@ -91,14 +107,14 @@ def clip_per_example(grads: PyTree, clip_norm: float, mask: jax.Array | None = N
 
 def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: jax.Array | None = None, *,
                      clip_norm: float | None, microbatch_size: int | None = None,
-                     unroll: bool | None = None) -> tuple[PyTree, GradStats]:
+                     unroll: bool | None = None, clipping: str = "auto") -> tuple[PyTree, GradStats]:
     """The sum of clipped per-example gradients over a logical batch, in microbatches.
 
     Args:
-      loss_fn: ``loss_fn(params, example) -> scalar``, for ONE example (a slice of
-        ``examples`` along axis 0).
+      loss_fn: ``loss_fn(params, view) -> scalar``, for ONE view of one example (a slice
+        of ``examples`` along axes 0 and 1); an example's loss is its views' mean.
       params: the parameters (any pytree; may be sharded).
-      examples: a pytree whose leaves have the batch size B as leading axis.
+      examples: a pytree whose leaves have shape (B, K, ...): K views of each of B examples.
       mask: optional bool (B,); False marks padded slots, which contribute nothing.
       clip_norm: C > 0; or None for the non-private baseline: the gradient of the
         masked loss sum, with no per-example gradients, no clipping, and non-finite
@@ -111,6 +127,12 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
         Default: unroll on CPU, where rolled loops make backward passes 10–20× slower
         (measured), and scan on accelerators, where it keeps the program small and
         peak memory at one microbatch.
+      clipping: how per-example norms and the clipped sum are computed, all exact:
+        ``"auto"`` book-keeping with the cheapest method per layer
+        (:func:`patchdp.bookkeeping.choose_method`); ``"direct"``, ``"unfold"`` or
+        ``"ghost"`` book-keeping with that method for every layer that supports it;
+        ``"per_example"`` ``vmap`` of per-example gradients of everything (the
+        reference). Ignored by the non-private baseline.
 
     Returns:
       (S, stats): S has the structure of ``params`` with leaves of at least float32;
@@ -124,10 +146,18 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
         raise ValueError(f"microbatch_size must be a positive divisor of the batch size {size}, "
                          f"got {microbatch_size!r}; pad the batch or pick a divisor.")
     validate_clip_norm(clip_norm)
+    validate_clipping(clipping)
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
-    accumulate = _private_sum if clip_norm is not None else _plain_sum
-    one = lambda chunk: accumulate(loss_fn, params, chunk, clip_norm)
+    if clip_norm is None:
+        one = lambda chunk: _plain_sum(loss_fn, params, chunk)
+    elif clipping == "per_example":
+        one = lambda chunk: _private_sum(loss_fn, params, chunk, clip_norm)
+    else:
+        view = jax.tree.map(lambda x: x[0, 0], examples)
+        layers = bookkeeping.find_layers(loss_fn, params, view, method=clipping,
+                                         views=jax.tree.leaves(examples)[0].shape[1])
+        one = lambda chunk: _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm)
     count = size // micro
     if count == 1:
         return one((examples, mask))
@@ -167,6 +197,12 @@ def validate_clip_norm(clip_norm) -> None:
                          f"baseline; got {clip_norm!r}.")
 
 
+def validate_clipping(clipping) -> None:
+    """Raises ValueError unless ``clipping`` is one of :data:`CLIPPING`."""
+    if clipping not in CLIPPING:
+        raise ValueError(f"clipping must be one of {CLIPPING} (all exact; 'auto' is the fastest), got {clipping!r}.")
+
+
 def _private_sum(loss_fn, params, chunk, clip_norm):
     examples, mask = chunk
     losses, grads = per_example_grads(loss_fn, params, examples)
@@ -175,12 +211,17 @@ def _private_sum(loss_fn, params, chunk, clip_norm):
     return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
 
 
-def _plain_sum(loss_fn, params, chunk, clip_norm):
-    del clip_norm
+def _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm):
+    examples, mask = chunk
+    total, losses, norms = bookkeeping.clipped_sum(loss_fn, params, layers, examples, mask, clip_norm)
+    return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
+
+
+def _plain_sum(loss_fn, params, chunk):
     examples, mask = chunk
 
     def masked_sum(p):
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, examples)
+        losses = jax.vmap(example_loss(loss_fn), in_axes=(None, 0))(p, examples)
         return jnp.sum(jnp.where(mask, losses, 0)), losses
 
     (_, losses), total = jax.value_and_grad(masked_sum, has_aux=True)(params)

@@ -46,6 +46,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTINGS = ("patch", "image", "gaussian_augmentation")
+CLIPPING = ("auto", "per_example", "direct", "unfold", "ghost")  # patchdp.clipping.CLIPPING, without importing jax
 NORMALIZATIONS = ("unit", "imagenet")
 
 
@@ -80,6 +81,9 @@ class Config:
       delta: δ, at most 1/N (the trainer refuses more); default 0.1/N.
       epochs, steps: the planned length; ``steps`` overrides ``epochs`` (steps = ⌈epochs / q⌉).
       microbatch_size: examples per physical microbatch (must divide the padded batch).
+      clipping: how per-example norms and the clipped sum are computed, all exact:
+        ``"auto"`` (book-keeping, the fastest), ``"direct"``, ``"unfold"``, ``"ghost"``
+        or ``"per_example"`` (``patchdp.training.private_grad``).
       resolution: privacy-loss grid spacing of the accountant (nats).
     Optimiser: optimizer (``sgd``, ``momentum``, ``adam``), learning_rate, momentum.
     Run: seed (None = secure), name, run_dir (default ``runs/<name>-<time>``),
@@ -121,6 +125,7 @@ class Config:
     epochs: float = 10.0
     steps: int | None = None
     microbatch_size: int | None = None
+    clipping: str = "auto"
     resolution: float = 1e-4
 
     optimizer: str = "adam"
@@ -186,6 +191,7 @@ class Config:
         set_("epochs", _number("epochs", self.epochs, 0, math.inf, low_open=True))
         _optional(_integer, "steps", self.steps, 1)
         _optional(_integer, "microbatch_size", self.microbatch_size, 1)
+        _choice("clipping", self.clipping, CLIPPING)
         set_("resolution", _number("resolution", self.resolution, 0, 1, low_open=True))
 
         _choice("optimizer", self.optimizer, OPTIMIZERS)

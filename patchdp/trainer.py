@@ -351,7 +351,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             make_loss(model, train_set.task, config.input_normalization), optimizer,
             clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
             expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
-            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh,
+            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh, clipping=config.clipping,
             augment=None if config.augmentation_noise is None else gaussian_pixel_noise(config.augmentation_noise))
         log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
         log.keep_until(start)

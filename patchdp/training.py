@@ -24,14 +24,18 @@ for the global arrays, so a step on 8 devices equals the step on 1 device for th
 same key (up to float summation order), and noise is added once.
 
 **Multi-host (TPU pods, multi-node GPU).** Call ``jax.distributed.initialize()`` in
-every process before anything else; build the mesh over ``jax.devices()`` (all
+every process before any other JAX call; build the mesh over ``jax.devices()`` (all
 processes' devices, e.g. ``jax.make_mesh((jax.device_count(),), ("data",))``; its axes
 are used in Auto mode, XLA partitioning the global program); give
 every process the same sampling seed and step key so they agree on the batch indices
-and the noise (``jax.experimental.multihost_utils.broadcast_one_to_all``); let each
-process load only its slice of the batch and assemble the global batch with
-``jax.make_array_from_process_local_data(NamedSharding(mesh, P(mesh.axis_names)), local)``.
-The step itself is unchanged.
+and the noise (``jax.experimental.multihost_utils.broadcast_one_to_all``); place the
+(identical) initial state with :func:`replicate`; let each process load only its slice
+of the batch, the rows its devices hold
+(``sharding.addressable_devices_indices_map((B,))``), and assemble the global batch
+leaf by leaf with ``jax.make_array_from_process_local_data(sharding, local)``, where
+``sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))``. The step itself is
+unchanged; its outputs are replicated, readable in every process. tests/test_multiprocess.py
+runs this in 2 processes and checks it against the step in one process.
 
 **Keys.** The step key drives crops and noise, so the privacy guarantee needs it
 secret and fresh each step: e.g. ``jax.random.fold_in(base, step)`` with ``base``
@@ -49,7 +53,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from patchdp import _validation, crops
-from patchdp.clipping import clipped_grad_sum, validate_clip_norm
+from patchdp.clipping import clipped_grad_sum, validate_clip_norm, validate_clipping
 from patchdp.inclusion import CropSpec
 from patchdp.noise import gaussian_noise
 
@@ -122,7 +126,8 @@ def gaussian_pixel_noise(std: float) -> Augment:
 
 def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | None,
                  microbatch_size: int | None = None, flip: bool = False, label_fill=0,
-                 unroll: bool | None = None, augment: Augment | None = None) -> Callable:
+                 unroll: bool | None = None, augment: Augment | None = None,
+                 clipping: str = "auto") -> Callable:
     """Like ``jax.grad``, for DP-SGD with crops: returns ``grad_fn(params, batch, key)``
     giving ``(grad_sum, stats)``.
 
@@ -154,6 +159,10 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
         flips and resizing are post-processing of the augmented image: the bound of
         :class:`patchdp.accounting.GaussianAugmentation` (an input change of at most Δ in
         L2) then holds for any K and crop distribution. None leaves the step unchanged.
+      clipping: how the per-example norms and the clipped sum are computed, all with the
+        same result: ``"auto"`` (default, the fastest: book-keeping, :mod:`patchdp.bookkeeping`),
+        ``"direct"``, ``"unfold"``, ``"ghost"`` (book-keeping with that method for every
+        layer), or ``"per_example"`` (``vmap`` of per-example gradients, the reference).
 
     The returned ``grad_fn(params, batch: Batch, key)`` splits ``key`` into one key per
     example (the crops; with ``augment``, each example's key is split once more into a
@@ -170,22 +179,25 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
                          f"got {type(crop).__name__}.")
     if microbatch_size is not None:
         _validation.integer("microbatch_size (examples per microbatch, dividing the batch size)", microbatch_size)
+    validate_clipping(clipping)
 
-    def example_loss(params, example):
-        key, image, label = example
+    def views(key, image, label):
+        """The example's K views, (K, h, w, C) and (K, ...); the image itself if no crop."""
         if augment is not None:
             key, augment_key = jax.random.split(key)
             image = augment(image, augment_key)
         if crop is None:
-            return loss_fn(params, image, label)
-        images, labels = crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, images, labels))
+            return image[None], label[None]
+        return crops.crop(crop, key, image, label, flip=flip, label_fill=label_fill)
+
+    view_loss = lambda params, view: loss_fn(params, *view)
 
     def grad_fn(params, batch: Batch, key: jax.Array):
         keys = jax.random.split(key, batch.image.shape[0])
+        examples = jax.vmap(views)(keys, batch.image, batch.label)
         grad_sum, stats = clipped_grad_sum(
-            example_loss, params, (keys, batch.image, batch.label), batch.mask,
-            clip_norm=clip_norm, microbatch_size=microbatch_size, unroll=unroll)
+            view_loss, params, examples, batch.mask, clip_norm=clip_norm,
+            microbatch_size=microbatch_size, unroll=unroll, clipping=clipping)
         counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
         return grad_sum, {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
                           "valid": stats.valid, "nonfinite": stats.nonfinite}
@@ -197,13 +209,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
                     crop: CropSpec | None = None, flip: bool = False, label_fill=0,
                     microbatch_size: int | None = None, unroll: bool | None = None,
-                    mesh: Mesh | None = None, augment: Augment | None = None) -> Callable:
+                    mesh: Mesh | None = None, augment: Augment | None = None,
+                    clipping: str = "auto") -> Callable:
     """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``:
     :func:`private_grad`, then :func:`~patchdp.noise.gaussian_noise`, then ``optimizer``.
 
     Args:
-      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment: as
-        in :func:`private_grad`.
+      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment,
+        clipping: as in :func:`private_grad`.
       optimizer: any optax transformation (SGD, momentum, Adam, ...); the state's
         ``opt_state`` is this optimizer's (the noise has no state).
       noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
@@ -218,7 +231,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     :func:`private_grad`.
     """
     grad_fn = private_grad(loss_fn, crop=crop, clip_norm=clip_norm, microbatch_size=microbatch_size,
-                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment)
+                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment,
+                           clipping=clipping)
     noise = gaussian_noise(noise_multiplier, clip_norm, expected_batch_size)
     data = None if mesh is None else _examples(mesh)
 

@@ -62,7 +62,7 @@ def toy_problem():
     y = jax.random.normal(keys[3], (12,))
     x = x.at[4, 1].set(jnp.nan)  # a non-finite example
     mask = jnp.arange(12) < 10  # two padded slots
-    return params, (x, y), mask
+    return params, (x[:, None], y[:, None]), mask  # one view per example
 
 
 def test_vmapped_sum_equals_an_explicit_per_example_loop():
@@ -75,7 +75,7 @@ def test_vmapped_sum_equals_an_explicit_per_example_loop():
     for i in range(12):
         if not mask[i]:
             continue
-        loss, grad = single(params, (x[i], y[i]))
+        loss, grad = single(params, (x[i, 0], y[i, 0]))
         g = flat(jax.tree.map(lambda a: a[None], grad))[0]
         norm = np.linalg.norm(g)
         if not np.isfinite(norm):
@@ -108,7 +108,7 @@ def test_non_private_path_is_the_gradient_of_the_masked_loss_sum():
     params, (x, y), mask = toy_problem()
     x = jnp.nan_to_num(x)
     total, stats = clipped_grad_sum(mlp_loss, params, (x, y), mask, clip_norm=None)
-    masked = lambda p: jnp.sum(jnp.where(mask, jax.vmap(mlp_loss, (None, 0))(p, (x, y)), 0))
+    masked = lambda p: jnp.sum(jnp.where(mask, jax.vmap(mlp_loss, (None, 0))(p, (x[:, 0], y[:, 0])), 0))
     want = jax.grad(masked)(params)
     for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -119,7 +119,7 @@ def test_per_example_grads_match_single_example_grads():
     params, (x, y), _ = toy_problem()
     losses, grads = per_example_grads(mlp_loss, params, (x[:3], y[:3]))
     for i in range(3):
-        loss, grad = jax.value_and_grad(mlp_loss)(params, (x[i], y[i]))
+        loss, grad = jax.value_and_grad(mlp_loss)(params, (x[i, 0], y[i, 0]))
         np.testing.assert_allclose(losses[i], loss, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grad)):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)

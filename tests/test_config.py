@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from patchdp import accounting
+from patchdp import config as config_module
 from patchdp.config import CONFIG_DIR, Config, config_path, parse_value
 from patchdp.inclusion import CropSpec, Patch
 from patchdp.trainer import make_plan
@@ -75,6 +76,7 @@ def test_command_line_values_read_as_toml(text, value):
     (dict(optimizer="rmsprop"), "optimizer must be one of sgd, momentum, adam"),
     (dict(sampling="shuffle"), "sampling must be one of fixed, poisson"),
     (dict(accounting="pixel"), "accounting must be one of patch, image"),
+    (dict(clipping="fast"), "clipping must be one of auto, per_example"),
     (dict(crop="3x"), "crop must be N, 'HxW' or \\[H, W\\]"),
     (dict(crop=0), "crop"),
     (dict(crop=["8x8", "16x16"]), "crop: several crop sizes need `probabilities`"),
@@ -151,3 +153,9 @@ def test_the_paper_settings():
     mnist = Config.from_toml(config_path("mnist_resnet18"))
     assert (mnist.crop, mnist.patch, mnist.batch_size, mnist.epochs, mnist.clip_norm) == \
         (((10, 10),), "rect:1x1", 64, 15.0, 1.0)
+
+
+def test_clipping_choices_are_the_libraries():
+    from patchdp.clipping import CLIPPING
+
+    assert config_module.CLIPPING == CLIPPING
