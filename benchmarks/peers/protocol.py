@@ -79,3 +79,25 @@ def serve(handlers: dict[str, Callable[..., dict]]) -> None:
             answer = {"ok": False, "error": traceback.format_exc()}
         out.write(json.dumps(answer) + "\n")
         out.flush()
+
+
+class Arms:
+    """A worker's prepared arms, each a zero-argument step (blocking, returning its loss)
+    keyed by (arm, model). A worker subclasses it with ``versions`` and ``prepare``
+    (which stores the step in ``self.arms``), and optionally ``init``."""
+
+    OPS = ("versions", "init", "prepare", "step", "release")
+
+    def __init__(self):
+        self.arms: dict[tuple[str, str], Callable[[], float]] = {}
+
+    def step(self, arm: str, model: str) -> dict:
+        return timed(self.arms[arm, model])
+
+    def release(self, arm: str, model: str) -> dict:
+        del self.arms[arm, model]
+        return {}
+
+    def serve(self) -> None:
+        """Answers the driver's requests until it closes stdin (:func:`serve`)."""
+        serve({op: getattr(self, op) for op in self.OPS if hasattr(self, op)})

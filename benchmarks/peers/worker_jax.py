@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench_step  # noqa: E402
-from protocol import serve, timed  # noqa: E402
+from patchdp.models import load_params, save_params  # noqa: E402
+from protocol import Arms  # noqa: E402
 
 MODELS = {"unet": bench_step.UNet(), "resnet18": bench_step.ResNet18()}
 CLIP_NORM, NOISE_MULTIPLIER, MOMENTUM = 1.0, 1.0, 0.9
@@ -44,23 +45,6 @@ def example_losses(model, params, images, labels):
 
 def batch_loss(model, params, images, labels):
     return jnp.mean(example_losses(model, params, images, labels))
-
-
-def flatten(params) -> dict[str, np.ndarray]:
-    """{"Conv_0/kernel": array, ...}: the flax parameter tree with "/"-joined names."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {"/".join(k.key for k in path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def unflatten(arrays) -> dict:
-    params: dict = {}
-    for name, value in arrays.items():
-        *scopes, leaf = name.split("/")
-        node = params
-        for scope in scopes:
-            node = node.setdefault(scope, {})
-        node[leaf] = jnp.asarray(value)
-    return params
 
 
 def patchdp_step(model, lr, batch_size, microbatch_size):
@@ -123,10 +107,7 @@ def plain_step(model, lr):
     return init, jax.jit(run, donate_argnums=0)
 
 
-class Worker:
-    def __init__(self):
-        self.arms: dict[tuple[str, str], dict] = {}
-
+class Worker(Arms):
     def versions(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -143,7 +124,7 @@ class Worker:
         with np.load(Path(data) / f"batch_{model}.npz") as batch:
             example = jnp.asarray(batch["images"][:1])
         params = jax.jit(MODELS[model].init)(jax.random.key(0), example)["params"]
-        np.savez(Path(data) / f"params_{model}.npz", **flatten(params))
+        save_params(Path(data) / f"params_{model}.npz", params)  # "/"-joined names, read by worker_torch
         return {}
 
     def prepare(self, arm: str, model: str, data: str, lr: float, microbatch_size: int, warmup: int) -> dict:
@@ -151,8 +132,7 @@ class Worker:
         parameter count, the loss of the initial parameters on the batch (to check that
         all frameworks compute the same function) and XLA's memory analysis."""
         module = MODELS[model]
-        with np.load(Path(data) / f"params_{model}.npz") as arrays:
-            params = unflatten(dict(arrays))
+        params = jax.tree.map(jnp.asarray, load_params(Path(data) / f"params_{model}.npz"))
         with np.load(Path(data) / f"batch_{model}.npz") as batch:
             images, labels = jnp.asarray(batch["images"]), jnp.asarray(batch["labels"])
         initial_loss = float(jax.jit(functools.partial(batch_loss, module))(params, images, labels))
@@ -185,15 +165,6 @@ class Worker:
                 "xla": {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
                         "temp": memory.temp_size_in_bytes, "alias": memory.alias_size_in_bytes}}
 
-    def step(self, arm: str, model: str) -> dict:
-        return timed(self.arms[arm, model])
-
-    def release(self, arm: str, model: str) -> dict:
-        del self.arms[arm, model]
-        return {}
-
 
 if __name__ == "__main__":
-    worker = Worker()
-    serve({"versions": worker.versions, "init": worker.init, "prepare": worker.prepare,
-           "step": worker.step, "release": worker.release})
+    Worker().serve()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol import serve, timed
+from protocol import Arms
 
 CLIP_NORM, NOISE_MULTIPLIER, MOMENTUM = 1.0, 1.0, 0.9
 EPSILON = 1e-6  # flax GroupNorm's default (torch's is 1e-5)
@@ -189,10 +189,10 @@ class ExampleMeanCrossEntropy(nn.Module):
         return per_example if self.reduction == "none" else per_example.mean()
 
 
-class Worker:
+class Worker(Arms):
     def __init__(self):
         torch.set_num_threads(os.cpu_count())
-        self.arms: dict[tuple[str, str], callable] = {}
+        super().__init__()
 
     def versions(self) -> dict:
         import opacus
@@ -243,15 +243,6 @@ class Worker:
         self.arms[arm, model] = one_step
         return {"params": count, "initial_loss": initial_loss, "xla": None}
 
-    def step(self, arm: str, model: str) -> dict:
-        return timed(self.arms[arm, model])
-
-    def release(self, arm: str, model: str) -> dict:
-        del self.arms[arm, model]
-        return {}
-
 
 if __name__ == "__main__":
-    worker = Worker()
-    serve({"versions": worker.versions, "prepare": worker.prepare, "step": worker.step,
-           "release": worker.release})
+    Worker().serve()
