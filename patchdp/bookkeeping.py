@@ -42,8 +42,8 @@ a layer the ghost method only while γ_n ≤ 1%. Contractions run at ``Precision
 so that accelerators do not round them to bfloat16.
 
 **Coverage.** Layers are found by tracing the loss once with flax's method interceptor:
-a ``flax.linen.Conv`` (no feature groups, no circular or causal padding) or
-``flax.linen.Dense`` called exactly once per view, whose parameters are leaves of the
+a ``flax.linen.Conv`` or ``flax.linen.Dense`` called exactly once per view, not inside a
+nested transformation of the loss (``lax.scan``, ``cond``, ``checkpoint``), whose parameters are leaves of the
 ``params`` given to the loss (the same arrays) and are used nowhere else (checked on
 the traced program). Everything else falls back to per-example gradients for its own
 parameters, so the result equals the per-example path for any model.
@@ -61,7 +61,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Var
+from jax.extend.core import Var, find_top_trace
 
 __all__ = ["METHODS", "Layer", "find_layers", "choose_method", "clipped_sum", "square_norms", "clipped_sums"]
 
@@ -184,7 +184,7 @@ def find_layers(loss_fn: Callable, params, view, *, method: str = "auto", views:
         every layer that supports it (``direct`` for the others).
       views: views per example (K), for the cost model.
     """
-    calls, found, layers = {}, {}, []
+    calls, found, reachable, layers, loss_trace = {}, {}, {}, [], []
 
     def record(next_fun, args, kwargs, context):
         if _BYPASS.get():
@@ -194,16 +194,19 @@ def find_layers(loss_fn: Callable, params, view, *, method: str = "auto", views:
         output = next_fun(*args, **kwargs)
         if type(module) in (nn.Conv, nn.Dense) and context.method_name == "__call__" and len(args) == 1 and not kwargs:
             found[name] = (module.clone(parent=None), module.variables.get("params", {}), args[0], output)
+            # traced inside a nested transformation (lax.scan, cond, checkpoint): the tape cannot carry it out
+            reachable[name] = find_top_trace([args[0]]) is loss_trace[0]
         return output
 
     def trace(params, view):
+        loss_trace[:] = [find_top_trace(jax.tree.leaves((params, view)))]
         position = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
         with nn.intercept_methods(record):
             loss_fn(params, view)
         claimed = set()
         for name, (module, own, x, y) in found.items():
             indices = tuple(position.get(id(leaf)) for leaf in jax.tree.leaves(own))
-            if calls[name] == 1 and indices and None not in indices and not claimed & set(indices):
+            if calls[name] == 1 and indices and None not in indices and not claimed & set(indices) and reachable[name]:
                 claimed |= set(indices)
                 names = tuple(str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(own)[0])
                 layers.append(Layer(name, module, indices, jax.tree.structure(own), names, x.shape, y.shape, y.dtype))

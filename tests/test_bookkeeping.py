@@ -145,7 +145,7 @@ def test_ghost_bound_covers_float32_rounding_and_is_needed():
     assert raw_below, "no case where float32 rounding lowers the ghost norm: the test cannot fail"
 
 
-def test_layers_used_elsewhere_or_twice_are_left_to_per_example_gradients():
+def test_layers_used_elsewhere_twice_or_in_a_loop_are_left_to_per_example_gradients():
     class Tied(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -160,6 +160,17 @@ def test_layers_used_elsewhere_or_twice_are_left_to_per_example_gradients():
     assert [layer.name for layer in bookkeeping.find_layers(loss, params, jnp.zeros((2, 2, 1)))] == ["Dense_2"]
     examples = jax.random.normal(jax.random.key(1), (3, 1, 2, 2, 1))
     close(run(loss, params, examples, None, "auto", 0.5)[0], run(loss, params, examples, None, "per_example", 0.5)[0])
+    dense = nn.Dense(3)
+    dense_params = dense.init(jax.random.key(0), jnp.zeros(3))["params"]
+
+    def recurrent_loss(p, view):  # the layer inside lax.scan: its inputs cannot be taped
+        h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(dense.apply({"params": p}, h)), None), view, None, length=3)
+        return jnp.sum(h**2)
+
+    assert bookkeeping.find_layers(recurrent_loss, dense_params, jnp.zeros(3)) == ()
+    sequences = jax.random.normal(jax.random.key(2), (4, 1, 3))
+    close(run(recurrent_loss, dense_params, sequences, None, "auto", 0.1)[0],
+          run(recurrent_loss, dense_params, sequences, None, "per_example", 0.1)[0])
     plain_loss = lambda p, view: jnp.sum(view * p["w"])  # no flax layer at all: everything per-example
     assert bookkeeping.find_layers(plain_loss, {"w": jnp.ones(3)}, jnp.ones(3)) == ()
 
