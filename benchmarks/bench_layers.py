@@ -14,6 +14,7 @@ the last columns say which method is fastest here and which one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -35,7 +36,7 @@ def layer_costs(layer, params, batch_size, repeats):
     for method in bookkeeping.METHODS:
         if method != "direct" and not bookkeeping._unfoldable(layer.module):
             continue
-        variant = bookkeeping.dataclasses.replace(layer, method=method)
+        variant = dataclasses.replace(layer, method=method)
 
         def run(p, x, g, variant=variant):
             squares, grads = bookkeeping.square_norms(variant, p, x, g)

@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Var, find_top_trace
 
-__all__ = ["METHODS", "Layer", "find_layers", "choose_method", "clipped_sum", "square_norms", "clipped_sums"]
+__all__ = ["METHODS", "Layer", "find_layers", "choose_method", "clipped_sum", "square_norms", "clipped_sums",
+           "squared_norms"]
 
 METHODS = ("direct", "unfold", "ghost")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -240,11 +241,8 @@ def _used_only_by_their_layer(loss_fn, params, view, layers: list[Layer]) -> lis
                 return next_fun(*args, **kwargs)
             return layer.apply([copies[i] for i in layer.leaves], args[0])
 
-        current = list(copies)
-        for i, leaf in covered.items():
-            current[i] = leaf
         with nn.intercept_methods(substitute):
-            return loss_fn(jax.tree.unflatten(treedef, current), view)
+            return loss_fn(_replaced(treedef, copies, covered), view)
 
     covered = {i: leaves[i] for layer in layers for i in layer.leaves}
     program = jax.make_jaxpr(loss)(covered, leaves, view).jaxpr
@@ -252,6 +250,11 @@ def _used_only_by_their_layer(loss_fn, params, view, layers: list[Layer]) -> lis
     used |= {v for v in program.outvars if isinstance(v, Var)}
     elsewhere = {i for i, var in zip(sorted(covered), program.invars) if var in used}
     return [layer for layer in layers if not elsewhere & set(layer.leaves)]
+
+
+def _replaced(treedef, leaves: list, replacements: dict):
+    """The pytree of ``leaves`` with ``replacements`` ({position: leaf}) swapped in."""
+    return jax.tree.unflatten(treedef, [replacements.get(i, leaf) for i, leaf in enumerate(leaves)])
 
 
 def _taped(loss_fn: Callable) -> Callable:
@@ -402,10 +405,7 @@ def clipped_sum(loss_fn: Callable, params, layers: tuple[Layer, ...], examples, 
     taped = jax.vmap(_taped(loss_fn), in_axes=(None, 0, 0))
 
     def example_loss(rest, perturbations, example):
-        current = list(leaves)
-        for i, leaf in rest.items():
-            current[i] = leaf
-        losses, inputs = taped(jax.tree.unflatten(treedef, current), perturbations, example)
+        losses, inputs = taped(_replaced(treedef, leaves, rest), perturbations, example)
         return jnp.mean(losses), inputs
 
     backward = jax.vmap(jax.value_and_grad(example_loss, argnums=(0, 1), has_aux=True), in_axes=(None, 0, 0))
@@ -413,7 +413,7 @@ def clipped_sum(loss_fn: Callable, params, layers: tuple[Layer, ...], examples, 
 
     taps = [(layer, [leaves[i] for i in layer.leaves], inputs[layer.name], out_grads[layer.name]) for layer in layers]
     squares, grads = zip(*[square_norms(*tap) for tap in taps]) if taps else ((), ())
-    norms = jnp.sqrt(sum(squares) + sum(_squares(g) for g in rest_grads.values()))
+    norms = jnp.sqrt(sum(squares) + sum(squared_norms(g) for g in rest_grads.values()))
     keep = mask & jnp.isfinite(norms)
     scale = jnp.where(keep, clip_norm / jnp.maximum(norms, clip_norm), 0)
 
@@ -431,7 +431,7 @@ def square_norms(layer: Layer, params: list, x: jax.Array, g: jax.Array) -> tupl
     if layer.method == "ghost":
         return _ghost_square_bound(layer, x, g), None
     grads = _unfold_grads(layer, x, g) if layer.method == "unfold" else _direct_grads(layer, params, x, g)
-    return sum(_squares(v) for v in grads), grads
+    return sum(squared_norms(v) for v in grads), grads
 
 
 def clipped_sums(layer: Layer, params: list, x: jax.Array, g: jax.Array, grads: list | None,
@@ -446,8 +446,8 @@ def clipped_sums(layer: Layer, params: list, x: jax.Array, g: jax.Array, grads: 
     return [_at_least_float32(v) for v in _batch_grads(layer, params, x, g)]
 
 
-def _squares(v: jax.Array) -> jax.Array:
-    """(B,) squared norms in float32 of the per-example arrays v (B, ...)."""
+def squared_norms(v: jax.Array) -> jax.Array:
+    """(B,) squared norms, in float32, of the per-example arrays v (B, ...)."""
     return jnp.sum(jnp.square(v.astype(jnp.float32)).reshape(v.shape[0], -1), axis=1)
 
 

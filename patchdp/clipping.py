@@ -74,9 +74,7 @@ def per_example_grads(loss_fn: Callable, params: PyTree, examples: PyTree) -> tu
 def per_example_norms(grads: PyTree) -> jax.Array:
     """L2 norm over all leaves of each example's gradient: float32 array (B,).
     Non-finite if the gradient has a non-finite entry or its squared norm overflows."""
-    squares = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
-               for g in jax.tree.leaves(grads)]
-    return jnp.sqrt(sum(squares))
+    return jnp.sqrt(sum(bookkeeping.squared_norms(g) for g in jax.tree.leaves(grads)))
 
 
 def clip_per_example(grads: PyTree, clip_norm: float, mask: jax.Array | None = None
