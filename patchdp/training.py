@@ -4,7 +4,7 @@
          │                          │                                    │
          │        per-example loss: mean of the K crop losses            │ private_grad
          │                          │                                    │
-         │   per-example gradient, clipped to C, summed (book-keeping)  ┘
+         │   per-example gradient, clipped to C, summed (book-keeping)   ┘
          │                          │
          └─► noise key ─► + N(0, (z·C)²) once, / expected batch size     gaussian_noise
                                     │
