@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from patchdp.mechanism import DPSGD
+from patchdp.sampling import FixedSizeSampling
 from patchdp.training import Batch, TrainState, linen_loss, make_train_step
 
 
@@ -94,11 +96,16 @@ def setup(model, image_shape, label_shape, batch_size, classes):
     return params, batch, loss
 
 
-def step_fn(loss, private, batch_size, **options):
-    """The private step (C = 1, z = 1) or the non-private baseline, same code path."""
-    privacy = dict(clip_norm=1.0, noise_multiplier=1.0) if private else dict(clip_norm=None, noise_multiplier=0.0)
-    return make_train_step(loss, optax.sgd(0.1, momentum=0.9), expected_batch_size=batch_size,
-                           **privacy, **options)
+def mechanism(batch_size: int, clipping: str = "auto") -> DPSGD:
+    """The benchmarked mechanism: C = 1, z = 1, batches of ``batch_size`` (no crops)."""
+    return DPSGD(sampling=FixedSizeSampling(batch_size=batch_size, dataset_size=batch_size), clip_norm=1.0,
+                 noise_multiplier=1.0, delta=1e-5, accounting="image", clipping=clipping)
+
+
+def step_fn(loss, private, batch_size, clipping="auto", **options):
+    """The private step (C = 1, z = 1) or the non-private baseline of the same mechanism."""
+    return make_train_step(loss, optax.sgd(0.1, momentum=0.9), mechanism(batch_size, clipping), private=private,
+                           **options)
 
 
 ARMS = {  # name -> (private, options); "non-private" is the denominator of every ratio

@@ -48,13 +48,12 @@ def batch_loss(model, params, images, labels):
 
 
 def patchdp_step(model, lr, batch_size, microbatch_size):
-    """patchdp's public ``make_train_step``, privately (C = 1, z = 1)."""
+    """patchdp's public ``make_train_step``, privately (C = 1, z = 1: ``bench_step.mechanism``)."""
     from patchdp.training import Batch, TrainState, linen_loss, make_train_step
 
     optimizer = optax.sgd(lr, momentum=MOMENTUM)
     step = make_train_step(linen_loss(model, optax.softmax_cross_entropy_with_integer_labels), optimizer,
-                           clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER,
-                           expected_batch_size=batch_size, microbatch_size=microbatch_size)
+                           bench_step.mechanism(batch_size), microbatch_size=microbatch_size)
 
     def init(params):
         return TrainState.create(params, optimizer)
