@@ -160,9 +160,9 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
         first = jax.tree.map(lambda x: x[0], examples)
         shapes = jax.eval_shape(views, first) if views is not None else first
         view = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes)
-        layers = bookkeeping.find_layers(loss_fn, params, view, method=clipping,
-                                         views=jax.tree.leaves(shapes)[0].shape[0])
-        accumulate = lambda chunk: _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm)
+        plan = bookkeeping.find_layers(loss_fn, params, view, method=clipping,
+                                       views=jax.tree.leaves(shapes)[0].shape[0])
+        accumulate = lambda chunk: _bookkeeping_sum(plan, params, chunk, clip_norm)
     one = accumulate if views is None else lambda chunk: accumulate((jax.vmap(views)(chunk[0]), chunk[1]))
     count = size // micro
     if count == 1:
@@ -217,9 +217,9 @@ def _private_sum(loss_fn, params, chunk, clip_norm):
     return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
 
 
-def _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm):
+def _bookkeeping_sum(plan, params, chunk, clip_norm):
     examples, mask = chunk
-    total, losses, norms = bookkeeping.clipped_sum(loss_fn, params, layers, examples, mask, clip_norm)
+    total, losses, norms = bookkeeping.clipped_sum(plan, params, examples, mask, clip_norm)
     return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
 
 
