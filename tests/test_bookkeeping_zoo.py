@@ -33,7 +33,7 @@ import pytest
 from flax import nnx
 
 from patchdp import bookkeeping
-from patchdp.clipping import clipped_grad_sum, per_example_grads, per_example_norms
+from patchdp.clipping import clipped_grad_sum, default_schedule, example_bytes, per_example_grads, per_example_norms
 from test_bookkeeping import reference_sum
 
 RTOL = 1e-5
@@ -285,6 +285,23 @@ def test_the_clipped_sum_does_not_depend_on_the_schedule():
     for total, stats in sums[1:]:
         assert relative_error(total, sums[0][0]) <= RTOL
         assert [float(v) for v in stats] == pytest.approx([float(v) for v in sums[0][1]], rel=RTOL)
+
+
+@pytest.mark.parametrize("batch_size, micro", [(32, 8), (256, 16), (100, 10), (7, 7), (3, 3), (1, 1)])
+def test_the_cpu_default_is_microbatches_of_about_8_unrolled(batch_size, micro):
+    schedule = default_schedule(batch_size, platform="cpu")
+    assert (schedule.microbatch_size, schedule.unroll) == (micro, True) and schedule.basis.startswith("cpu")
+
+
+def test_on_accelerators_the_whole_batch_unless_memory_says_otherwise():
+    assert default_schedule(64, platform="gpu", memory_bytes=2**30)[:2] == (64, False)  # no estimate: whole batch
+    assert default_schedule(64, platform="gpu", example_bytes=2**20, memory_bytes=2**30)[:2] == (64, False)
+    assert default_schedule(64, platform="gpu", example_bytes=2**24, memory_bytes=2**30)[:2] == (32, False)
+    assert default_schedule(64, platform="tpu", example_bytes=2**40, memory_bytes=2**30)[:2] == (1, False)
+    loss, params = plain_zoo()
+    view = (jax.ShapeDtypeStruct((SIZE, SIZE, 3), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+    one, two = example_bytes(loss, params, view, 1), example_bytes(loss, params, view, 2)
+    assert 4 * SIZE * SIZE * 3 < one < two < 2 * one
 
 
 MESH = textwrap.dedent("""
