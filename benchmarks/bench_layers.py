@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench_step import ResNet18, UNet, setup
+from bench_step import ResNet18, UNet, linen_problem
 from patchdp import bookkeeping
 
 MODELS = {"resnet18": (ResNet18(), (32, 32, 3), (), 10), "unet": (UNet(), (64, 64, 3), (64, 64), 4)}
@@ -64,9 +64,9 @@ def main():
           f"  fastest  chosen")
     for name in args.models.split(","):
         model, image, label, classes = MODELS[name]
-        params, _, loss = setup(model, image, label, 1, classes)
+        params, loss = linen_problem(model, image)
         view = (jnp.zeros(image), jnp.zeros(label, jnp.int32))
-        layers = bookkeeping.find_layers(lambda p, v: loss(p, *v), params, view).layers
+        layers = bookkeeping.find_layers(loss, params, view).layers
         names = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         totals = {}
         for layer in layers:
