@@ -35,6 +35,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Literal
 
 __all__ = ["Eqn", "Program", "Match", "trace", "evaluate", "matches"]
@@ -51,7 +52,7 @@ class Eqn:
 
     ``inputs`` are value ids (int) or :class:`jax.extend.core.Literal`; ``outputs`` are
     value ids; ``avals`` the outputs' abstract values; ``ctx`` the equation's context
-    manager (as :func:`jax.core.eval_jaxpr` enters it)."""
+    (whose ``manager`` :func:`jax.core.eval_jaxpr` enters around the bind)."""
 
     primitive: Any
     params: dict
@@ -66,7 +67,7 @@ class Eqn:
 
     def bind(self, *values, **overrides):
         """The equation applied to ``values`` (a list of outputs if it has several)."""
-        with self.ctx:
+        with self.ctx.manager:
             return self.primitive.bind(*values, **self.primitive.get_bind_params({**self.params, **overrides}))
 
 
@@ -146,7 +147,7 @@ def _inline(jaxpr, const_values, inputs, counter, eqns: list, consts: dict, aval
             results = [next(counter) for _ in eqn.outvars]
             avals.update(zip(results, (v.aval for v in eqn.outvars)))
             eqns.append(Eqn(eqn.primitive, dict(eqn.params), tuple(values), tuple(results),
-                            tuple(v.aval for v in eqn.outvars), eqn.ctx.manager))
+                            tuple(v.aval for v in eqn.outvars), eqn.ctx))
         env.update(zip(eqn.outvars, results))
     return [read(v) for v in jaxpr.outvars]
 
@@ -211,8 +212,7 @@ def matches(program: Program) -> tuple[Match, ...]:
                 chain.append(eqn)
                 value = eqn.outputs[0]
                 continue
-            if eqn is not None and _is_layer(eqn, position) and jax.numpy.issubdtype(eqn.avals[0].dtype,
-                                                                                      jax.numpy.floating):
+            if eqn is not None and _is_layer(eqn, position) and jnp.issubdtype(eqn.avals[0].dtype, jnp.floating):
                 found.append(Match(leaf, index, position, tuple(chain)))
             break
     per_eqn = {}
