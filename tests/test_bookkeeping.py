@@ -232,12 +232,28 @@ def test_grouped_convolutions_get_the_direct_method():
     ((3, 3), 64, 3, 16, "unfold"),  # a first layer on RGB: 27-value patches
 ])
 def test_cost_model_picks_the_method_measured_fastest(kernel, image, channels, outputs, method):
-    model = nn.Conv(outputs, kernel)
+    layer = check_cost_model(nn.Conv(outputs, kernel), image, channels, method)
+    assert layer.sizes(1) == (image * image, channels * np.prod(kernel), outputs)
+
+
+def test_cost_model_unfolds_transposed_convolutions():
+    """The U-Net's 2×2 up-convolutions: ``unfold`` measured 0.67–0.71 of ``direct``."""
+    check_cost_model(nn.ConvTranspose(32, (2, 2), strides=(2, 2)), 16, 64, "unfold")
+    check_cost_model(nn.Conv(32, (2, 2), strides=(2, 2)), 32, 64, "direct")  # the same sizes, not transposed
+
+
+def problem_of(model, image, channels):
+    """(loss, parameter shapes, view shape) of a single layer."""
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image, image, channels)))["params"]
     loss = lambda p, view: jnp.sum(model.apply({"params": p}, view[None]))
-    (layer,) = bookkeeping.find_layers(loss, params, jax.ShapeDtypeStruct((image, image, channels),
-                                                                          jnp.float32)).layers
-    assert layer.method == method and layer.sizes(1) == (image * image, channels * np.prod(kernel), outputs)
+    return loss, params, jax.ShapeDtypeStruct((image, image, channels), jnp.float32)
+
+
+def check_cost_model(model, image, channels, method):
+    """The single layer of ``model`` on an (image, image, channels) input gets ``method``; returns it."""
+    (layer,) = bookkeeping.find_layers(*problem_of(model, image, channels)).layers
+    assert layer.method == method
+    return layer
 
 
 def test_unknown_clipping_method_is_rejected():
