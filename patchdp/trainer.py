@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from patchdp import accounting, metrics, plots, report, sampling
+from patchdp import accounting, clipping, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
 from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher, get_dataset
@@ -325,9 +325,11 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
         if start == 0:
             _write_secrets(run_dir, seeds)
         checkpoints = checkpoints or Checkpointer(checkpoint_dir)
+        schedule = _schedule(config, mechanism.sampling.padded_size // jax.device_count())
         step_fn = make_train_step(  # the ledger's mechanism: the one its next steps are recorded for
             make_loss(model, train_set.task, config.input_normalization), optimizer, ledger.mechanism,
-            flip=config.flip, label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh)
+            flip=config.flip, label_fill=IGNORE_LABEL, microbatch_size=schedule.microbatch_size,
+            unroll=schedule.unroll, mesh=mesh)
         log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
         log.keep_until(start)
         if mesh is not None:
@@ -391,9 +393,17 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
         scores, confusion = run_eval(steps_taken, state.params)
         result = final_report(config, plan, ledger, stop_reason=stop_reason, scores=scores,
                               secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
-        result["run_dir"] = str(run_dir)
+        result["run_dir"], result["schedule"] = str(run_dir), schedule._asdict()
         _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config, confusion)
         return result
+
+
+def _schedule(config: Config, device_batch: int) -> clipping.Schedule:
+    """The config's microbatches (unroll by platform), else the cost model's
+    (:func:`patchdp.clipping.default_schedule`) for ``device_batch`` examples per device."""
+    if config.microbatch_size is None:
+        return clipping.default_schedule(device_batch)
+    return clipping.Schedule(config.microbatch_size, jax.default_backend() == "cpu", "config: microbatch_size")
 
 
 class RunDirectoryError(OSError):

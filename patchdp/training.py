@@ -151,10 +151,13 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
       clip_norm: C > 0; None gives the non-private baseline (plain gradient of the
         loss sum, no per-example gradients).
       microbatch_size: examples per physical microbatch (must divide the batch size);
-        peak memory follows it. Default: the whole batch at once.
+        peak memory follows it. Default: :func:`patchdp.clipping.default_schedule`'s
+        (microbatches of ~8, unrolled, on CPU; the whole batch on accelerators unless it
+        does not fit).
       flip: random horizontal flips after cropping.
       label_fill: label value in the padding of label maps (e.g. an ignore index).
-      unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by backend.
+      unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by platform
+        (:func:`patchdp.clipping.default_schedule`).
       augment: optional ``augment(image, key) -> image`` applied to each example's whole
         image (H, W, C), BEFORE cropping, with a key of its own, e.g.
         :func:`gaussian_pixel_noise`. Applied before the crops so that the crops, their

@@ -3,7 +3,6 @@ pair, dp_accounting's own PLD composition and its RDP accountant."""
 
 import json
 import math
-from fractions import Fraction
 
 import dp_accounting
 import numpy as np

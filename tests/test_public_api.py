@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import patchdp
+from patchdp import bookkeeping
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -53,4 +54,9 @@ def test_the_readme_api_examples_run_and_give_the_numbers_they_state():
     # the loop written from the README trains, and its ledger's ε is the mechanism's own
     ledger, mechanism = scope["ledger"], scope["mechanism"]
     assert int(scope["state"].step) == 5 and scope["metrics"]["valid"] == 10 and scope["stats"]["valid"] == 10
-    assert ledger.steps == 6 and ledger.epsilon() == mechanism.epsilon(6)
+    assert ledger.steps == 7 and ledger.epsilon() == mechanism.epsilon(7)
+    # the NNX model trains through the same step, its two convolutions on the fast path
+    assert int(scope["nnx_state"].step) == 1 and scope["nnx_metrics"]["valid"] == 10
+    view = (scope["images"][0, :16, :16], scope["labels"][0, :16, :16])
+    plan = bookkeeping.find_layers(lambda p, v: scope["nnx_loss"](p, *v), scope["nnx_params"], view)
+    assert [layer.op.name for layer in plan.layers] == ["conv_general_dilated"] * 2

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from patchdp import accounting
+from patchdp import accounting, clipping
 from patchdp.checkpoint import Checkpointer
 from patchdp.cli import main
 from patchdp.config import Config
@@ -141,6 +141,9 @@ def test_training_stops_before_a_step_would_exceed_the_budget(budget_run):
     assert report["steps"] == 5 and report["stop_reason"] == "budget" and report["steps_planned"] == 12
     assert report["privacy"]["epsilon_patch"] == pytest.approx(eps[0]) and eps[0] <= budget < eps[1]
     assert report["privacy"]["noise_multiplier"] == 1.0
+    # no microbatch_size in the config: the cost model's schedule, recorded
+    schedule = report["schedule"]
+    assert schedule["microbatch_size"] == clipping.default_schedule(8).microbatch_size and schedule["basis"]
 
 
 def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
