@@ -22,7 +22,6 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from patchdp import _validation, accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
@@ -236,17 +235,18 @@ def _add_override_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    from patchdp.trainer import train  # imported on use: jax and flax are slow to import
+    from patchdp.run_dir import RunDirectory  # imported on use: jax and flax are slow to import
+    from patchdp.trainer import train
 
     overrides = _overrides(args)
     if args.resume:
         if args.config or overrides:
             raise CliError("--resume continues a run with the config saved in its directory; "
                            "drop --config and the overrides.")
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
+        run = RunDirectory(args.resume)
+        if not run.config_file.is_file():
             raise CliError(f"{args.resume} is not a run directory (it has no config.json).")
-        result = train(Config.from_dict(json.loads(saved.read_text())), run_dir=args.resume, resume=True)
+        result = train(run.read_config(), run_dir=args.resume, resume=True)
     else:
         if not args.config:
             raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
@@ -401,6 +401,9 @@ def main(argv=None) -> int:
         message = f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
         print(f"patchdp: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # patchdp.run_dir.Interrupted: a run that saved its checkpoint says how to go on
+        print(f"patchdp: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_status", 130)
     return 0
 
 

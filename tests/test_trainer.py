@@ -29,7 +29,9 @@ from patchdp.mechanism import DPSGD
 from patchdp.metrics import confusion_matrix
 from patchdp.metrics import scores as scores_of
 from patchdp.sampling import FixedSizeSampling
-from patchdp.trainer import Seeds, evaluate, make_plan, train
+from patchdp.run_dir import Seeds
+from patchdp.task import evaluate
+from patchdp.trainer import make_plan, train
 
 TINY = """
 model = "unet"
