@@ -19,7 +19,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -446,10 +448,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop's steps (which handle it themselves: patchdp.run_dir.interruptible)."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_ends_cleanly():
+    """Within the block SIGTERM raises :class:`_Terminated`, which :func:`main` turns into one line."""
+    def terminate(signum, frame):
+        raise _Terminated("interrupted by SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _sigterm_ends_cleanly():
             args.run(args)
     except (CliError, ValueError) as err:
         print(f"patchdp: error: {err}", file=sys.stderr)

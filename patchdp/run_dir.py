@@ -14,9 +14,13 @@ power loss), so a lock file that is present but free is stale: it is taken over 
 one warning naming the dead holder. (A run over several processes takes the lock in
 the one process that writes, process 0.)
 
-**Resuming** (:func:`resume_point`) needs all three of the run's secrets, a checkpoint
-that reads and a ledger that agrees with it; without them the privacy already spent or
-the batches already drawn are unknown, so the run is refused, never restarted.
+**Resuming** (:func:`resume_point`) needs the run's secrets, a checkpoint that reads and
+a ledger that agrees with it; without them the privacy already spent or the batches
+already drawn are unknown, so the run is refused, never restarted.
+
+**Signals** (:func:`interruptible`): Ctrl-C or SIGTERM ends the steps after the one in
+flight; the trainer saves a checkpoint and raises :class:`Interrupted`, whose one line
+gives the exact resume command.
 """
 
 from __future__ import annotations
@@ -289,10 +293,10 @@ class MetricsLog:
             records.append(record)
         return records
 
-    def keep_until(self, step: int) -> None:
-        """Keeps only the records up to ``step`` (a resumed run continues from there), atomically."""
-        kept = [r for r in self.read() if r["step"] <= step]
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    def rewrite(self, records: list[dict]) -> None:
+        """Replaces the file with ``records``, atomically (a resumed run keeps those up to
+        its checkpoint, read before the run was accepted)."""
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, kind: str, step: int, **values) -> None:
         with self.path.open("a") as f:

@@ -183,12 +183,13 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     run = RunDirectory(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     with run.locked(), run.open_checkpoints(resume=resume) as checkpoints:
         start = _start(setup, run, checkpoints, resume)
+        records = [r for r in MetricsLog(run.metrics_file).read() if r["step"] <= start.step]  # damaged: refused
         with _writing(run, start.ledger, checkpoints):  # the run is accepted: from here on it writes its directory
             run.write_config(config)
             if start.step == 0:
                 run.write_secrets(start.seeds)
             log = MetricsLog(run.metrics_file, EventWriter(run.path / "tensorboard") if config.tensorboard else None)
-            log.keep_until(start.step)
+            log.rewrite(records)
             z = start.ledger.mechanism.noise_multiplier
             console = Progress(setup.plan.steps, start.step, enabled=progress, budget=setup.plan.budget,
                                description=f"DP-SGD z={z:.3g}")
