@@ -19,14 +19,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
-from pathlib import Path
 
 from patchdp import _validation, accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
-from patchdp.inclusion import CropSpec, image_hw, inclusion_map, inclusion_probability
+from patchdp.inclusion import CropSpec, check_memory, image_hw, inclusion_map, inclusion_probability, map_bytes
 from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling
 
@@ -35,6 +36,12 @@ from patchdp.sampling import FixedSizeSampling, PoissonSampling
 DEFAULTS = dict(image_size="1024x2048", crop="505", padding=0, crops_per_example=1,
                 patch="rect:10x10", batch_size=200, dataset_size=2975, epochs=100.0,
                 sampling="fixed", noise=1.0, delta=1e-5)
+
+
+IMPLAUSIBLE_P = 1e-9          # p* below this: a warning line (the crops would see only padding)
+CALIBRATION_PRECISION = 1e-5  # calibrate's grid spacing is at most this fraction of the target ε
+HEATMAP_BYTES = 64            # per pixel, what matplotlib takes to draw a map of p(t) (float copies, RGBA)
+MAX_TARGET_EPSILON = 1000.0   # calibrate refuses larger targets: e^1000 is no privacy, and the search would crawl
 
 
 class CliError(Exception):
@@ -131,6 +138,7 @@ def _describe(mechanism: DPSGD, steps: int, args) -> list[tuple[str, str]]:
         ("sampling", f"{args.sampling}, batch {args.batch_size} of {args.dataset_size}"),
         ("steps T", f"{steps}"),
         ("delta", f"{mechanism.delta:g}"),
+        ("resolution", f"{mechanism.resolution:.3g} nats (PLD grid spacing)"),
     ]
 
 
@@ -170,13 +178,47 @@ def _warn_if_no_amplification(p_star: float, image, crop: CropSpec) -> None:
               "so cropping gives no amplification; use a smaller crop or more padding.")
 
 
+def _warn_if_implausible(mechanism: DPSGD) -> None:
+    if 0 < mechanism.inclusion_probability < IMPLAUSIBLE_P:
+        _warn(f"p* = {mechanism.inclusion_probability:.3g} < {IMPLAUSIBLE_P:g}: a crop almost never sees the patch "
+              f"(crop {mechanism.crop.sizes[0][0]}x{mechanism.crop.sizes[0][1]}, padding {mechanism.crop.padding} on "
+              f"a {'x'.join(map(str, mechanism.image_shape[:2]))} image), so patch-level ε is near 0; such a "
+              "model would train on padding. Check --padding and --crop.")
+
+
+def _at_finest_resolution(compute, mechanism: DPSGD):
+    """``compute(mechanism)`` with the finest PLD grid, from the mechanism's resolution up,
+    whose composition fits in memory (:class:`patchdp.accounting.GridTooFine`); says so
+    in one warning line when it had to coarsen. Returns (result, mechanism used)."""
+    requested = mechanism.resolution
+    while True:
+        try:
+            result = compute(mechanism)
+            break
+        except accounting.GridTooFine as error:
+            if mechanism.resolution >= accounting.MAX_RESOLUTION:
+                raise CliError(f"{error} (at the coarsest resolution {accounting.MAX_RESOLUTION:g}).") from None
+            mechanism = mechanism.replace(resolution=min(max(error.coarser, 1.1 * mechanism.resolution),
+                                                         accounting.MAX_RESOLUTION))
+    if mechanism.resolution != requested:
+        _warn(f"resolution {requested:g} nats needs a grid larger than memory allows; used {mechanism.resolution:.3g} "
+              "nats, the finest that fits (the discretisation rounds every loss up, so ε stays an upper bound, "
+              "a little looser).")
+    return result, mechanism
+
+
 def cmd_privacy(args) -> None:
     mechanism = _mechanism(args, args.noise)
     steps = _steps(args, mechanism.sampling)
     _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
-    ledger = mechanism.ledger()
-    ledger.step(steps)  # the planned steps, recorded in a ledger of their own: the report reads ledgers
-    privacy = report.privacy_comparison(ledger)
+    _warn_if_implausible(mechanism)
+
+    def compare(mechanism):
+        ledger = mechanism.ledger()
+        ledger.step(steps)  # the planned steps, recorded in a ledger of their own: the report reads ledgers
+        return report.privacy_comparison(ledger)
+
+    privacy, mechanism = _at_finest_resolution(compare, mechanism)
     _print({"mechanism": mechanism.to_dict(), **privacy}, _describe(mechanism, steps, args)
            + report.privacy_rows(privacy), args.json)
 
@@ -185,7 +227,18 @@ def cmd_calibrate(args) -> None:
     mechanism = _mechanism(args, 1.0)
     steps = _steps(args, mechanism.sampling)
     _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
-    needed = report.noise_comparison(mechanism, args.epsilon, steps)
+    _warn_if_implausible(mechanism)
+    if _validation.epsilon(args.epsilon) > MAX_TARGET_EPSILON:
+        raise CliError(f"target ε = {args.epsilon:g} is beyond {MAX_TARGET_EPSILON:g} nats, a bound of e^ε on the "
+                       "likelihood ratio that protects nothing; calibrate for ε <= 1000 (or train without noise).")
+    # Grid spacing in proportion to the target: the relative precision of z stays the same,
+    # and the search stays fast for any target (ε = 1e6 needs losses of thousands of nats).
+    coarsest = min(max(mechanism.resolution, args.epsilon * CALIBRATION_PRECISION), accounting.MAX_RESOLUTION)
+    if coarsest > mechanism.resolution:
+        _warn(f"target ε = {args.epsilon:g}: calibrating at resolution {coarsest:.3g} nats (finer grids only slow "
+              f"the search for a target this large; the z found still meets ε ≤ {args.epsilon:g}).")
+        mechanism = mechanism.replace(resolution=coarsest)
+    needed, mechanism = _at_finest_resolution(lambda m: report.noise_comparison(m, args.epsilon, steps), mechanism)
     if needed["noise_multiplier_patch"] is None:
         raise CliError(needed["noise_multiplier_patch_reason"])
     rows = _describe(mechanism, steps, args) + [
@@ -205,17 +258,22 @@ def cmd_inclusion(args) -> None:
     crop, patch = _crop_spec(args), parse_patch(args.patch)
     p_star = inclusion_probability(image, crop, patch)
     _warn_if_no_amplification(p_star, image, crop)
-    result = {"inclusion_probability": p_star,
-              "inclusion_probability_exact": str(inclusion_probability(image, crop, patch, exact=True))}
+    try:
+        result = {"inclusion_probability": p_star,
+                  "inclusion_probability_exact": str(inclusion_probability(image, crop, patch, exact=True))}
+    except ValueError as too_long:  # K crops: a fraction of millions of digits
+        result = {"inclusion_probability": p_star, "inclusion_probability_exact": None,
+                  "inclusion_probability_exact_reason": str(too_long)}
     if args.heatmap:
         from patchdp import plots
+        check_memory("the heatmap of p(t)", map_bytes(image, crop, patch) + HEATMAP_BYTES * image[0] * image[1], image)
         p_map = inclusion_map(image, crop, patch)
         title = f"p(t): {patch.name}, crop {args.crop}, padding {crop.padding}; p* = {p_star:.4g}"
         try:
             result["heatmap"] = str(plots.inclusion_heatmap(p_map, args.heatmap, title=title))
         except OSError as error:
             raise CliError(f"cannot write the heatmap {args.heatmap}: {error.strerror} ({error.filename}).") from None
-    rows = [("p*", f"{p_star:.6g}"), ("exact", result["inclusion_probability_exact"])]
+    rows = [("p*", f"{p_star:.6g}"), ("exact", report.shown(result, "inclusion_probability_exact", "s"))]
     if args.heatmap:
         rows.append(("heatmap", result["heatmap"]))
     _print(result, rows, args.json)
@@ -236,17 +294,18 @@ def _add_override_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    from patchdp.trainer import train  # imported on use: jax and flax are slow to import
+    from patchdp.run_dir import RunDirectory  # imported on use: jax and flax are slow to import
+    from patchdp.trainer import train
 
     overrides = _overrides(args)
     if args.resume:
         if args.config or overrides:
             raise CliError("--resume continues a run with the config saved in its directory; "
                            "drop --config and the overrides.")
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
+        run = RunDirectory(args.resume)
+        if not run.config_file.is_file():
             raise CliError(f"{args.resume} is not a run directory (it has no config.json).")
-        result = train(Config.from_dict(json.loads(saved.read_text())), run_dir=args.resume, resume=True)
+        result = train(run.read_config(), run_dir=args.resume, resume=True)
     else:
         if not args.config:
             raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
@@ -389,10 +448,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop's steps (which handle it themselves: patchdp.run_dir.interruptible)."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_ends_cleanly():
+    """Within the block SIGTERM raises :class:`_Terminated`, which :func:`main` turns into one line."""
+    def terminate(signum, frame):
+        raise _Terminated("interrupted by SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _sigterm_ends_cleanly():
             args.run(args)
     except (CliError, ValueError) as err:
         print(f"patchdp: error: {err}", file=sys.stderr)
@@ -401,6 +482,9 @@ def main(argv=None) -> int:
         message = f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
         print(f"patchdp: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # patchdp.run_dir.Interrupted: a run that saved its checkpoint says how to go on
+        print(f"patchdp: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_status", 130)
     return 0
 
 

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from patchdp.checkpoint import Checkpointer
-from patchdp.config import Config
+from patchdp.files import read_json, write_atomic
 from patchdp.models import get_model, load_params, save_params
-from patchdp.trainer import load_dataset, normalize
+from patchdp.run_dir import RunDirectory
+from patchdp.task import load_dataset, normalize
 
 __all__ = ["export_model", "load_model", "predict"]
 
@@ -31,34 +32,35 @@ __all__ = ["export_model", "load_model", "predict"]
 def export_model(run_dir, out) -> Path:
     """Writes ``out/params.npz`` and ``out/model.json`` from the run in ``run_dir``; returns ``out``.
 
-    Raises ValueError when ``run_dir`` holds no run with a checkpoint.
+    Raises ValueError in one line when ``run_dir`` holds no run with a checkpoint, when its
+    ``config.json`` is damaged, or when no checkpoint reads (a damaged newest one falls
+    back to the previous with a warning, as for ``--resume``).
     """
-    run_dir, out = Path(run_dir), Path(out)
-    saved, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
-    if not saved.is_file() or not checkpoints.is_dir():
-        raise ValueError(f"{run_dir} is not a run directory with checkpoints (config.json and checkpoints/).")
-    config = Config.from_dict(json.loads(saved.read_text()))
-    with Checkpointer(checkpoints) as opened:
+    run, out = RunDirectory(run_dir), Path(out)
+    if not run.config_file.is_file() or not run.checkpoints.is_dir():
+        raise ValueError(f"{run.path} is not a run directory with checkpoints (config.json and checkpoints/).")
+    config = run.read_config()
+    with Checkpointer(run.checkpoints) as opened:
         state, meta = opened.restore()
     dataset = load_dataset(config, config.train_split)
-    report = run_dir / "report.json"
+    report = run.path / "report.json"
     info = {
         "model": config.model, "model_options": config.to_dict()["model_options"],
         "num_classes": dataset.num_classes, "class_names": list(dataset.class_names), "task": dataset.task,
         "input_normalization": config.input_normalization, "image_shape": list(dataset.image_shape),
         "steps": meta["step"],
-        "privacy": json.loads(report.read_text())["privacy"] if report.is_file() else None,
+        "privacy": read_json(report).get("privacy") if report.is_file() else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     save_params(out / "params.npz", state["params"])
-    (out / "model.json").write_text(json.dumps(info, indent=1, allow_nan=False))
+    write_atomic(out / "model.json", json.dumps(info, indent=1, allow_nan=False))
     return out
 
 
 def load_model(path) -> tuple:
     """(model, params, info) from an :func:`export_model` folder."""
     path = Path(path)
-    info = json.loads((path / "model.json").read_text())
+    info = read_json(path / "model.json")
     model = get_model(info["model"], info["num_classes"], **info["model_options"])
     return model, load_params(path / "params.npz"), info
 

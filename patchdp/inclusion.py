@@ -41,7 +41,13 @@ __all__ = [
     "inclusion_counts",
     "inclusion_map",
     "inclusion_probability",
+    "map_bytes",
+    "check_memory",
+    "MAX_BYTES",
 ]
+
+MAX_BYTES = 4 * 2 ** 30  # the memory a map of p(t) may take; larger images are refused, naming one that fits
+MAX_EXACT_BITS = 14_000  # the largest exact p*_K computed: ~4,200 digits, what Python still prints
 
 
 def image_hw(image_shape) -> tuple[int, int]:
@@ -347,16 +353,42 @@ def _mask_counts(image, crop, padding, offsets, mask) -> np.ndarray:
     return strips[:, col_hi] - strips[:, col_lo]
 
 
+def map_bytes(image_shape, crop: CropSpec, patch: Patch) -> int:
+    """About the peak memory (bytes) of :func:`inclusion_map`: three float64 or int64
+    arrays over the placements, and for a mask patch the dilated mask's summed-area table
+    and its row strips, per crop size."""
+    (h, w), (ph, pw) = image_hw(image_shape), patch.shape
+    rows, cols = max(h - ph + 1, 1), max(w - pw + 1, 1)
+    total = 3 * 8 * rows * cols
+    if not patch.is_rectangle:
+        total += max(9 * (ph + ch) * (pw + cw) + 16 * rows * (pw + cw) for ch, cw in crop.sizes)
+    return total
+
+
+def check_memory(what: str, needed: int, image_shape, limit: int = MAX_BYTES) -> None:
+    """ValueError in one line when ``needed`` bytes exceed ``limit``, naming the image size
+    (same aspect ratio) whose need fits, assuming it grows with the image's area."""
+    if needed <= limit:
+        return
+    h, w = image_hw(image_shape)
+    scale = math.sqrt(limit / needed)
+    raise ValueError(f"{what} for a {h}x{w} image needs about {needed / 2**30:.1f} GiB, more than the "
+                     f"{limit / 2**30:g} GiB allowed; an image of at most about {max(int(h * scale), 1)}x"
+                     f"{max(int(w * scale), 1)} fits.")
+
+
 def inclusion_map(image_shape, crop: CropSpec, patch: Patch) -> np.ndarray:
     """p(t) for every valid placement t: float64 array of shape (H − p_h + 1, W − p_w + 1),
     entry [a, b] for the patch's bounding box at row a, column b of the unpadded image.
 
     Includes the crop-size mixture (Σ_k π_k p_k(t)) and K crops (1 − (1 − p(t))^K).
+    Raises ValueError before allocating when the map needs more than ``MAX_BYTES``.
     """
     _check_types(crop, patch)
     image = image_hw(image_shape)
     ranges = crop.offset_ranges(image)
     _check_fits(image, patch)
+    check_memory("the map of p(t)", map_bytes(image, crop, patch), image)
     total = None
     for size, weight, (rows, cols) in zip(crop.sizes, crop.probabilities, ranges):
         term = inclusion_counts(image, size, crop.padding, patch) * (weight / (rows * cols))
@@ -378,11 +410,24 @@ def inclusion_probability(image_shape, crop: CropSpec, patch: Patch, *, exact: b
     Returns a float rounded up (never below the true p*), or the exact rational value
     as a ``Fraction`` with ``exact=True``. p* = 1 when every crop covers every placement
     (e.g. the crop covers the whole padded image): then there is no amplification.
+
+    A rectangle and one crop size need memory linear in the image side (p* is the product
+    of the row and column maxima); otherwise the whole map is counted, refused with a
+    ValueError when it needs more than ``MAX_BYTES``. With many crops per example (K),
+    an exact fraction of more than ``MAX_EXACT_BITS`` bits is refused and the float is
+    bounded from above without it.
     """
     _check_types(crop, patch)
     image = image_hw(image_shape)
-    counts = [inclusion_counts(image, size, crop.padding, patch) for size in crop.sizes]
     sizes = [rows * cols for rows, cols in crop.offset_ranges(image)]
+    if len(crop.sizes) == 1 and patch.is_rectangle:
+        _check_fits(image, patch)
+        (offsets,), (size,) = crop.offset_ranges(image), crop.sizes
+        rows, cols = (_interval_counts(image[i], size[i], crop.padding, offsets[i], patch.shape[i]) for i in (0, 1))
+        best = Fraction(int(rows.max()) * int(cols.max()), sizes[0])
+        return _crops_per_example(best, crop.crops_per_example, exact)
+    check_memory("counting p(t) over every placement", map_bytes(image, crop, patch), image)
+    counts = [inclusion_counts(image, size, crop.padding, patch) for size in crop.sizes]
     if len(counts) == 1:
         best = Fraction(int(counts[0].max()), sizes[0])
     else:
@@ -393,7 +438,25 @@ def inclusion_probability(image_shape, crop: CropSpec, patch: Patch, *, exact: b
         weights = [Fraction(w) / n for w, n in zip(crop.probabilities, sizes)]
         weights = [w / sum(Fraction(p) for p in crop.probabilities) for w in weights]
         best = max(sum(int(c[a, b]) * w for c, w in zip(counts, weights)) for a, b in candidates)
-    k = crop.crops_per_example
-    if k > 1:
-        best = 1 - (1 - best) ** k
-    return best if exact else _round_up(best)
+    return _crops_per_example(best, crop.crops_per_example, exact)
+
+
+def _crops_per_example(p: Fraction, k: int, exact: bool):
+    """p*_K = 1 − (1 − p*)^K: exact, or a float rounded up. The exact power of a fraction
+    has about K times its digits; beyond ``MAX_EXACT_BITS`` only the float is given, from
+    a lower bound on (1 − p*)^K (1 − p* rounded down, a margin of 16 ulps for ``pow``)."""
+    if k == 1:
+        return p if exact else _round_up(p)
+    bits = k * max(p.numerator.bit_length(), p.denominator.bit_length())
+    if bits <= MAX_EXACT_BITS:
+        power = 1 - (1 - p) ** k
+        return power if exact else _round_up(power)
+    if exact:
+        raise ValueError(f"the exact p* for K = {k} crops per example has about {int(bits * 0.30103):,} digits, "
+                         "too many to compute; the float p* is an upper bound.")
+    base = float(1 - p)
+    if Fraction(base) > 1 - p:
+        base = math.nextafter(base, 0.0)
+    stays = math.pow(base, k) * (1 - 16 * 2.0 ** -53)  # ≤ (1 − p*)^K
+    out = 1.0 - stays
+    return min(math.nextafter(out, math.inf) if Fraction(out) < 1 - Fraction(stays) else out, 1.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from patchdp.accounting import Ledger
+from patchdp.accounting import GridTooFine, Ledger
 from patchdp.mechanism import DPSGD
 from patchdp.sampling import PoissonSampling
 
@@ -103,6 +103,8 @@ def noise_comparison(mechanism: DPSGD, target_epsilon: float, steps: int) -> dic
         try:
             needed[key] = DPSGD.calibrated(target_epsilon=target_epsilon, steps=steps, accounting=level,
                                            **fields).noise_multiplier
+        except GridTooFine:  # not an answer about the noise: the caller may choose a coarser grid
+            raise
         except ValueError as error:
             needed[key], needed[f"{key}_reason"] = None, f"no noise multiplier reaches ε = {target}: {error}"
     _ratio(needed, "noise_ratio", "noise_multiplier_image", "noise_multiplier_patch")

@@ -1,17 +1,19 @@
 """The training loop: a :class:`~patchdp.config.Config` in, a trained model and a privacy
-report out. (Over 500 lines: plan, seeds, evaluation, loop and outputs; the run
-directory and the task pieces are to move to modules of their own, issue 22.)
+report out, in four named stages. The run directory (lock, atomic files, seeds, resume)
+is :mod:`patchdp.run_dir`; data, loss and evaluation are :mod:`patchdp.task`.
 
-    config ─► plan (pure: the mechanism — sampling, crops, p*, C, z calibrated if asked, δ —
-                 and the planned steps T)
-           ─► ledger = mechanism.ledger(budget); train_step = make_train_step(..., ledger.mechanism)
-           ─► for t = start … T − 1:
+    config ─► plan   _setup: data, the mechanism (sampling, crops, p*, C, z calibrated if
+                     asked, δ) and the planned steps T; pure, writes nothing
+           ─► state  _start (under the run directory's lock): fresh seeds and parameters,
+                     or the checkpoint to resume and its ledger
+           ─► steps  _steps, for t = start … T − 1:
                   stop if one more step would exceed the ε budget      (Ledger.can_step, O(1))
                   batch t  = dataset[sampling.sample(seed, t)]         (loaded one step ahead)
                   state    = train_step(state, batch, fold_in(key, t)) (crop, clip, noise once)
                   ledger.step()
                   log · refresh ε · evaluate · checkpoint
-           ─► final evaluation, report (JSON + Markdown), plots
+                  stop cleanly on Ctrl-C / SIGTERM: checkpoint, one line to resume
+           ─► report _report: final evaluation, report (JSON + Markdown), plots
 
 **Exact resumption.** Batch t and the key of step t are pure functions of the run's
 seeds and t (:class:`Seeds`), so a checkpoint needs only the train state and the ledger
@@ -25,7 +27,7 @@ norm, clipping); a changed noise multiplier is composed by the ledger
 
 **Nothing is written before the run is accepted**: the config, the dataset, the plan and
 any checkpoint to resume are all checked first, so a refused command leaves an existing
-run directory as it was.
+run directory as it was (its lock file comes and goes).
 
 **Secrets.** ``secrets.json`` (mode 0600) holds the run's seeds; checkpoints do not. Whoever
 has it knows which images were sampled at each step and the noise added: do not share a
@@ -38,10 +40,6 @@ with the scores), the same numbers as TensorBoard event files in ``tensorboard/`
 ``tensorboard``), ``checkpoints/``, ``report.json`` and ``report.md`` (with per-class IoU
 and a link to every figure), and ``curves.png``, ``per_class.png``, ``predictions.png``,
 ``inclusion.png``. Progress goes to stderr (:mod:`patchdp.progress`).
-
-**Evaluation** runs the model on whole images of the held-out split, at full resolution
-(the segmentation models are fully convolutional and the classifiers pool globally), in
-batches of ``eval_batch_size``; a partial last batch is padded with ignored labels.
 
 **Privacy.** The guarantee is that of the accounting named in the config (patch level:
 w = q·p* with the crop distribution of ``config.crop_spec``; image level: w = q;
@@ -59,14 +57,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import math
-import os
-import secrets
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +72,21 @@ import optax
 from patchdp import accounting, clipping, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
-from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher, get_dataset
+from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher
 from patchdp.events import EventWriter
+from patchdp.files import write_atomic
 from patchdp.inclusion import inclusion_map
 from patchdp.mechanism import DPSGD
-from patchdp.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_params, merge_params
+from patchdp.models import get_model, load_params, merge_params
 from patchdp.progress import Progress
+from patchdp.run_dir import (SECRETS, Interrupted, MetricsLog, RunDirectory, RunDirectoryError, Seeds, interruptible,
+                             resume_command, resume_point)
+from patchdp.task import evaluate, load_dataset, make_evaluator, make_loss
 from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
 
-__all__ = ["Plan", "Seeds", "RunDirectoryError", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
+__all__ = ["Plan", "make_plan", "train", "make_optimizer", "final_report"]
 
 OVERLAY_IMAGES = 4
-SECRETS = "secrets.json"
 SECRETS_NOTE = (f"{SECRETS} in the run directory holds the run's secret seeds (which images each step sampled, "
                 "its crops and noise): do not share the run directory; share patchdp.export.export_model's output.")
 NO_AMPLIFICATION = ("p* = 1: every crop covers the whole patch, so cropping gives no amplification and "
@@ -151,94 +150,6 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     return Plan(mechanism=mechanism, steps=steps, budget=config.target_epsilon)
 
 
-# ============================================================================ randomness
-
-
-class Seeds(NamedTuple):
-    """The run's secrets: the batch-sampling seed and the 64-bit base of the JAX keys
-    (kept in the run directory's ``secrets.json``, mode 0600, never in a checkpoint).
-
-    Step t uses batch ``plan.sampling.sample(sampling, t)`` and key ``step_keys()(t)``; the
-    initial parameters use :meth:`init_key`. Secure seeds come from OS entropy; a fixed
-    seed s gives ``SamplingSeed.fixed(s)`` and ``jax.random.key(s)``: reproducible and
-    NOT secure.
-    """
-
-    sampling: sampling.SamplingSeed
-    key: tuple[int, int]  # threefry key data, two uint32
-
-    @classmethod
-    def create(cls, seed: int | None) -> "Seeds":
-        if seed is None:
-            return cls(sampling.SamplingSeed.from_os(), (secrets.randbits(32), secrets.randbits(32)))
-        key = jax.random.key_data(jax.random.key(seed))
-        return cls(sampling.SamplingSeed.fixed(seed), tuple(int(k) for k in key))
-
-    def _bases(self) -> tuple[jax.Array, jax.Array]:
-        return tuple(jax.random.split(jax.random.wrap_key_data(np.asarray(self.key, np.uint32))))
-
-    def init_key(self) -> jax.Array:
-        """An ``rbg`` key for parameter initialisation: its initialisers compile ~3x
-        faster than threefry's on CPU, and initialisation needs no sharding invariance."""
-        bits = jax.random.bits(self._bases()[0], (), jnp.uint32)
-        return jax.random.key(int(bits), impl="rbg")
-
-    def step_keys(self) -> Callable[[int], jax.Array]:
-        """t ↦ the key of step t: ``fold_in(base, t)``."""
-        base = self._bases()[1]
-        return lambda step: jax.random.fold_in(base, step)
-
-    def to_dict(self) -> dict:
-        return {"sampling": str(self.sampling.value), "secure": self.sampling.secure, "key": list(self.key)}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> "Seeds":
-        seed = sampling.SamplingSeed(int(state["sampling"]), secure=bool(state["secure"]))
-        return cls(seed, tuple(int(k) for k in state["key"]))
-
-
-# ============================================================================ model pieces
-
-
-def load_dataset(config: Config, split: str) -> Dataset:
-    """The ``split`` of the config's dataset. For ``folder`` datasets, a ``class_list``
-    option (A2D2's ``class_list.json``: "#rrggbb" → name) gives the class names and palette."""
-    options = dict(config.dataset_options)
-    if config.dataset == "folder" and "class_list" in options:
-        path = Path(options.pop("class_list")).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"the class list {path} (dataset_options.class_list) does not exist; for A2D2, "
-                                    f"`patchdp data prepare a2d2 --data-dir {options.get('root')}` says what to "
-                                    "download and checks the folder layout.")
-        classes = json.loads(path.read_text())
-        options.update(class_names=list(classes.values()), palette={c: i for i, c in enumerate(classes)})
-    return get_dataset(config.dataset, split, **options)
-
-
-def normalize(images: jax.Array, kind: str) -> jax.Array:
-    """uint8 images → float32 model inputs: image / 255, or ImageNet-standardised."""
-    x = images.astype(jnp.float32) / 255.0
-    if kind == "imagenet":
-        x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    return x
-
-
-def make_loss(model, task: str, normalization: str = "unit") -> Callable:
-    """``loss_fn(params, image, label) -> scalar`` for ONE uint8 example (h, w, C):
-    segmentation — mean cross-entropy over the pixels whose label is not 255 (0 if none);
-    classification — cross-entropy of the image label."""
-
-    def loss_fn(params, image, label):
-        logits = model.apply({"params": params}, normalize(image[None], normalization))[0]
-        if task == "classification":
-            return optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        valid = label != IGNORE_LABEL
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, label, 0))
-        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-
-    return loss_fn
-
-
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """SGD, SGD with momentum, or Adam at the config's learning rate."""
     if config.optimizer == "adam":
@@ -246,38 +157,8 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.sgd(config.learning_rate, momentum=config.momentum if config.optimizer == "momentum" else None)
 
 
-def make_evaluator(model, num_classes: int, normalization: str) -> Callable:
-    """Jitted ``(params, images, labels) -> (confusion (K, K) int32, predictions)``."""
 
-    def evaluate(params, images, labels):
-        logits = model.apply({"params": params}, normalize(images, normalization))
-        predictions = jnp.argmax(logits, axis=-1)
-        return metrics.confusion_matrix(labels, predictions, num_classes), predictions
-
-    return jax.jit(evaluate)
-
-
-def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, count: int | None) -> np.ndarray:
-    """The confusion matrix (K × K, int64; :mod:`patchdp.metrics`) of the first ``count``
-    (default all) examples of ``dataset``."""
-    count = len(dataset) if count is None else min(count, len(dataset))
-    starts = range(0, count, batch_size)
-
-    def load(start):
-        indices = np.arange(start, start + batch_size)
-        batch = dataset.get_batch(np.minimum(indices, count - 1))
-        labels = np.where((indices < count).reshape((-1,) + (1,) * (batch["label"].ndim - 1)),
-                          batch["label"], IGNORE_LABEL)  # padding slots: ignored
-        return batch["image"], labels
-
-    total = np.zeros((dataset.num_classes,) * 2, np.int64)
-    with Prefetcher(load, starts) as batches:
-        for images, labels in batches:
-            total += np.asarray(evaluator(params, images, labels)[0], np.int64)
-    return total
-
-
-# ============================================================================ the loop
+# ============================================================================ the stages
 
 
 def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool = True) -> dict:
@@ -286,214 +167,196 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     Args:
       config: the run.
       run_dir: output directory; default ``config.run_dir`` or ``runs/<name>-<time>``.
-      resume: continue from the newest readable checkpoint in ``run_dir`` (start afresh if
-        none); refused when the config differs from the checkpoint in anything but the noise.
+      resume: continue from the newest readable checkpoint in ``run_dir``; refused (never
+        started over) when there is none, or when the config differs from the checkpoint
+        in anything but the noise (:func:`patchdp.run_dir.resume_point`).
       progress: show progress on stderr: a bar on a terminal, else a plain line every
         ~10 s (:class:`patchdp.progress.Progress`).
 
-    Raises ValueError before writing anything when the run is refused, and
-    :class:`RunDirectoryError` when the run directory cannot be written.
+    Raises ValueError before writing anything when the run is refused (another process
+    holds the run directory: :class:`patchdp.run_dir.RunLocked`),
+    :class:`~patchdp.run_dir.RunDirectoryError` when the run directory cannot be written,
+    and :class:`~patchdp.run_dir.Interrupted` after saving a checkpoint on Ctrl-C or SIGTERM.
     """
     started = time.perf_counter()
+    setup = _setup(config)
+    run = RunDirectory(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with run.locked(), run.open_checkpoints(resume=resume) as checkpoints:
+        start = _start(setup, run, checkpoints, resume)
+        records = [r for r in MetricsLog(run.metrics_file).read() if r["step"] <= start.step]  # damaged: refused
+        with _writing(run, start.ledger, checkpoints):  # the run is accepted: from here on it writes its directory
+            run.write_config(config)
+            if start.step == 0:
+                run.write_secrets(start.seeds)
+            log = MetricsLog(run.metrics_file, EventWriter(run.path / "tensorboard") if config.tensorboard else None)
+            log.rewrite(records)
+            z = start.ledger.mechanism.noise_multiplier
+            console = Progress(setup.plan.steps, start.step, enabled=progress, budget=setup.plan.budget,
+                               description=f"DP-SGD z={z:.3g}")
+            with interruptible() as interrupted:
+                state, stop_reason = _steps(setup, start, log, checkpoints, console, interrupted)
+                console.close()
+                _checkpoint(checkpoints, start.ledger, state)
+            if stop_reason == "interrupted":
+                raise Interrupted(interrupted.signal, run.path, start.ledger.steps)
+            checkpoints.close()
+            return _report(setup, run, start, state, stop_reason, log, console, seconds=time.perf_counter() - started)
+
+
+class _Setup(NamedTuple):
+    """What the plan stage derives from the config: the data, the plan, the model, the
+    optimizer, the evaluator, the device mesh (None on one device) and the microbatch
+    schedule of each device's share of the batch."""
+
+    config: Config
+    plan: Plan
+    train_set: Dataset
+    eval_set: Dataset
+    model: Any
+    optimizer: optax.GradientTransformation
+    evaluator: Callable
+    mesh: Any
+    schedule: clipping.Schedule
+
+
+def _setup(config: Config) -> _Setup:
+    """The plan stage: validates the config against its data and plans the mechanism (pure, writes nothing)."""
     train_set, eval_set = load_dataset(config, config.train_split), load_dataset(config, config.eval_split)
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if jax.device_count() > 1 else None
     plan = make_plan(config, len(train_set), train_set.image_shape, devices=jax.device_count())
-    mechanism = plan.mechanism
-    if mechanism.inclusion_probability >= 1:
-        warnings.warn(NO_AMPLIFICATION, stacklevel=2)
-    run_dir = Path(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if plan.mechanism.inclusion_probability >= 1:
+        warnings.warn(NO_AMPLIFICATION, stacklevel=3)
     model = get_model(config.model, train_set.num_classes, **config.model_options)
-    optimizer = make_optimizer(config)
     evaluator = make_evaluator(model, eval_set.num_classes, config.input_normalization)
-    ledger = mechanism.ledger(budget_epsilon=plan.budget)
-    seeds = Seeds.create(config.seed)
-    state = _initial_state(model, optimizer, seeds, plan, config.pretrained)
-    start = 0
-    checkpoint_dir = run_dir / "checkpoints"
-    checkpoints = Checkpointer(checkpoint_dir) if checkpoint_dir.is_dir() else None  # opening creates it
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-        if not resume:
-            raise ValueError(f"{run_dir} already holds the checkpoints of a run; resume it (--resume {run_dir}) "
-                             "or choose another run directory.")
-        state, meta = checkpoints.restore(state)
-        ledger = _resumable_ledger(meta, plan, run_dir)
-        seeds, start = _read_secrets(run_dir), meta["step"]
-
-    with _writing(run_dir, ledger):  # the run is accepted: from here on it writes its directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        if start == 0:
-            _write_secrets(run_dir, seeds)
-        checkpoints = checkpoints or Checkpointer(checkpoint_dir)
-        schedule = _schedule(config, mechanism.sampling.padded_size // jax.device_count())
-        step_fn = make_train_step(  # the ledger's mechanism: the one its next steps are recorded for
-            make_loss(model, train_set.task, config.input_normalization), optimizer, ledger.mechanism,
-            flip=config.flip, label_fill=IGNORE_LABEL, microbatch_size=schedule.microbatch_size,
-            unroll=schedule.unroll, mesh=mesh)
-        log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
-        log.keep_until(start)
-        if mesh is not None:
-            state = replicate(state, mesh)
-
-        def checkpoint(step, state):
-            meta = {"step": step, "ledger": ledger.to_dict()}
-            checkpoints.save(step, state, meta)
-
-        def load(step):
-            chosen = mechanism.sampling.sample(seeds.sampling, step)
-            data = train_set.get_batch(chosen.indices)
-            batch = Batch(data["image"], data["label"], chosen.mask)
-            return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
-
-        def run_eval(step, params):
-            confusion = evaluate(evaluator, params, eval_set, batch_size=config.eval_batch_size,
-                                 count=config.eval_examples)
-            scores = metrics.scores(confusion, eval_set.task)
-            log.write("eval", step, **scores)
-            console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            return scores, confusion
-
-        step_key, z = seeds.step_keys(), ledger.mechanism.noise_multiplier
-        stop_reason = "completed"
-        console = Progress(plan.steps, start, enabled=progress, budget=plan.budget, description=f"DP-SGD z={z:.3g}")
-        console.compiling()
-        with Prefetcher(load, range(start, plan.steps)) as batches:
-            for t in range(start, plan.steps):
-                if plan.budget is not None and not ledger.can_step():
-                    stop_reason = "budget"
-                    break
-                try:
-                    batch = next(batches)
-                except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
-                    stop_reason = "poisson overflow"
-                    console.write(f"patchdp: {error}")
-                    break
-                state, step_metrics = step_fn(state, batch, step_key(t))
-                ledger.step()
-                done = t + 1
-                values, epsilon = {}, None
-                if done % config.log_every == 0 or done == plan.steps:
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    log.write("train", done, **values)
-                if done % config.epsilon_every == 0:
-                    epsilon = ledger.epsilon()
-                    log.write("epsilon", done, epsilon=epsilon)
-                console.update(done, loss=values.get("loss"), clipped=values.get("clipped_fraction"), epsilon=epsilon)
-                if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
-                    run_eval(done, state.params)
-                if config.checkpoint_every and done % config.checkpoint_every == 0:
-                    checkpoint(done, state)
-        console.close()
-
-        steps_taken = ledger.steps
-        if steps_taken % config.epsilon_every:
-            log.write("epsilon", steps_taken, epsilon=ledger.epsilon())
-        checkpoint(steps_taken, state)
-        checkpoints.close()
-        scores, confusion = run_eval(steps_taken, state.params)
-        result = final_report(config, plan, ledger, stop_reason=stop_reason, scores=scores,
-                              secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
-        result["run_dir"], result["schedule"] = str(run_dir), schedule._asdict()
-        _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config, confusion)
-        return result
+    schedule = _schedule(config, plan.mechanism.sampling.padded_size // jax.device_count())
+    return _Setup(config, plan, train_set, eval_set, model, make_optimizer(config), evaluator, mesh, schedule)
 
 
 def _schedule(config: Config, device_batch: int) -> clipping.Schedule:
-    """The config's microbatches (unroll by platform), else the cost model's
+    """The config's microbatches (unrolled on CPU), else the cost model's
     (:func:`patchdp.clipping.default_schedule`) for ``device_batch`` examples per device."""
     if config.microbatch_size is None:
         return clipping.default_schedule(device_batch)
     return clipping.Schedule(config.microbatch_size, jax.default_backend() == "cpu", "config: microbatch_size")
 
 
-class RunDirectoryError(OSError):
-    """The run directory could not be written (read-only, full disk, removed): one line
-    naming the path; the run continues from its last checkpoint with ``--resume``."""
+class _Start(NamedTuple):
+    """Where the steps begin: the train state, the ledger, the seeds and the step."""
+
+    state: TrainState
+    ledger: accounting.Ledger
+    seeds: Seeds
+    step: int
+
+
+def _start(setup: _Setup, run: RunDirectory, checkpoints: Checkpointer, resume: bool) -> _Start:
+    """The state stage: fresh seeds and parameters, or the run's checkpoint to resume."""
+    plan, config = setup.plan, setup.config
+    seeds = Seeds.create(config.seed)
+    h, w = plan.mechanism.crop.output_size
+    dummy = jnp.zeros((1, h, w, plan.mechanism.image_shape[2]))
+    params = jax.jit(setup.model.init)(seeds.init_key(), dummy)["params"]
+    if config.pretrained:
+        params = merge_params(params, load_params(config.pretrained))
+    start = _Start(TrainState.create(params, setup.optimizer), plan.mechanism.ledger(budget_epsilon=plan.budget),
+                   seeds, 0)
+    if resume:
+        start = _Start(*resume_point(run, checkpoints, start.state, plan.mechanism, plan.budget))
+    if setup.mesh is not None:
+        start = start._replace(state=replicate(start.state, setup.mesh))
+    return start
+
+
+def _steps(setup: _Setup, start: _Start, log: MetricsLog, checkpoints: Checkpointer, console: Progress,
+           interrupted: Callable[[], bool]) -> tuple[TrainState, str]:
+    """The steps stage: steps ``start.step …`` T − 1, each recorded by the ledger; returns
+    the state and why the steps stopped (completed, budget, poisson overflow, interrupted)."""
+    config, plan, ledger, state = setup.config, setup.plan, start.ledger, start.state
+    step_fn = make_train_step(  # the ledger's mechanism: the one its next steps are recorded for
+        make_loss(setup.model, setup.train_set.task, config.input_normalization), setup.optimizer, ledger.mechanism,
+        flip=config.flip, label_fill=IGNORE_LABEL, microbatch_size=setup.schedule.microbatch_size,
+        unroll=setup.schedule.unroll, mesh=setup.mesh)
+    step_key = start.seeds.step_keys()
+    console.compiling()
+    with Prefetcher(functools.partial(_load_batch, setup, start.seeds), range(start.step, plan.steps)) as batches:
+        for t in range(start.step, plan.steps):
+            if interrupted():
+                return state, "interrupted"
+            if plan.budget is not None and not ledger.can_step():
+                return state, "budget"
+            try:
+                batch = next(batches)
+            except sampling.BatchOverflowError as error:  # Poisson batch too large: stop, never truncate
+                console.write(f"patchdp: {error}")
+                return state, "poisson overflow"
+            state, step_metrics = step_fn(state, batch, step_key(t))
+            ledger.step()
+            done, values, epsilon = t + 1, {}, None
+            if done % config.log_every == 0 or done == plan.steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                log.write("train", done, **values)
+            if done % config.epsilon_every == 0:
+                epsilon = ledger.epsilon()
+                log.write("epsilon", done, epsilon=epsilon)
+            console.update(done, loss=values.get("loss"), clipped=values.get("clipped_fraction"), epsilon=epsilon)
+            if config.eval_every and done % config.eval_every == 0 and done < plan.steps:
+                _evaluate(setup, log, console, state.params, done)
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                _checkpoint(checkpoints, ledger, state)
+    return state, "completed"
+
+
+def _load_batch(setup: _Setup, seeds: Seeds, step: int) -> Batch:
+    """Batch ``step``: a pure function of the seeds and the step (on the devices)."""
+    chosen = setup.plan.mechanism.sampling.sample(seeds.sampling, step)
+    data = setup.train_set.get_batch(chosen.indices)
+    batch = Batch(data["image"], data["label"], chosen.mask)
+    return shard_batch(batch, setup.mesh) if setup.mesh is not None else jax.device_put(batch)
+
+
+def _checkpoint(checkpoints: Checkpointer, ledger: accounting.Ledger, state: TrainState) -> None:
+    """Saves ``state`` with the ledger that accounts for it, as the ledger's step."""
+    checkpoints.save(ledger.steps, state, {"step": ledger.steps, "ledger": ledger.to_dict()})
+
+
+def _evaluate(setup: _Setup, log: MetricsLog, console: Progress, params, step: int) -> tuple[dict, np.ndarray]:
+    """Scores (logged as ``eval``) and the confusion matrix of ``params`` on the eval split."""
+    config = setup.config
+    confusion = evaluate(setup.evaluator, params, setup.eval_set, batch_size=config.eval_batch_size,
+                         count=config.eval_examples)
+    scores = metrics.scores(confusion, setup.eval_set.task)
+    log.write("eval", step, **scores)
+    console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores, confusion
+
+
+def _report(setup: _Setup, run: RunDirectory, start: _Start, state: TrainState, stop_reason: str, log: MetricsLog,
+            console: Progress, *, seconds: float) -> dict:
+    """The report stage: the final evaluation, ``report.json``, ``report.md`` and the figures."""
+    ledger, config = start.ledger, setup.config
+    if ledger.steps % config.epsilon_every:
+        log.write("epsilon", ledger.steps, epsilon=ledger.epsilon())
+    scores, confusion = _evaluate(setup, log, console, state.params, ledger.steps)
+    result = final_report(config, setup.plan, ledger, stop_reason=stop_reason, scores=scores,
+                          secure=start.seeds.sampling.secure, seconds=seconds)
+    result["run_dir"], result["schedule"] = str(run.path), setup.schedule._asdict()
+    _write_outputs(run.path, result, setup.plan, log.read(), setup.evaluator, state.params, setup.eval_set, config,
+                   confusion)
+    return result
 
 
 @contextlib.contextmanager
-def _writing(run_dir: Path, ledger: accounting.Ledger):
+def _writing(run: RunDirectory, ledger: accounting.Ledger, checkpoints: Checkpointer):
     """Turns a failed write into one :class:`RunDirectoryError` line saying how to continue."""
     try:
         yield
     except OSError as error:
-        where = error.filename or run_dir
+        where = error.filename or run.path
+        saved = checkpoints.latest_step()
+        how = (f"continue from step {saved} with `{resume_command(run.path)}`" if saved is not None else
+               "start again in a run directory you can write (no checkpoint was saved)")
         raise RunDirectoryError(f"cannot write {where} ({error.strerror or error}); training stopped at step "
-                                f"{ledger.steps}. Make {run_dir} writable and continue with "
-                                f"`patchdp train --resume {run_dir}`.") from None
-
-
-def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str | None) -> TrainState:
-    h, w = plan.mechanism.crop.output_size
-    params = jax.jit(model.init)(seeds.init_key(), jnp.zeros((1, h, w, plan.mechanism.image_shape[2])))["params"]
-    if pretrained:
-        params = merge_params(params, load_params(pretrained))
-    return TrainState.create(params, optimizer)
-
-
-def _resumable_ledger(meta: dict, plan: Plan, run_dir: Path) -> accounting.Ledger:
-    """The ledger of a checkpoint that a run with ``plan`` may continue, its next steps
-    taken at the plan's noise multiplier (a change the ledger composes, made explicit
-    here); ValueError in one line naming each difference when the config changed
-    anything else the steps taken were accounted under (crop, patch, sampling, clip norm,
-    accounting, δ, budget), or when the checkpoint contradicts itself."""
-    saved = meta["ledger"]
-    changed = plan.mechanism.differences(saved.get("mechanism", {}), ignore=("noise_multiplier",))
-    if saved.get("budget_epsilon") != plan.budget:
-        changed.append(f"target_epsilon (budget) {saved.get('budget_epsilon')!r} → {plan.budget!r}")
-    if changed:
-        raise ValueError(f"cannot resume {run_dir}: the config differs from its checkpoint in {'; '.join(changed)}. "
-                         "Steps already taken cannot be re-accounted: restore the run's config.json, or start a new run.")
-    ledger = accounting.Ledger.from_dict(saved, plan.mechanism)
-    if ledger.steps != meta["step"]:
-        raise ValueError(f"cannot resume {run_dir}: its checkpoint is at step {meta['step']} but its ledger records "
-                         f"{ledger.steps} steps, so the privacy spent is unknown; start a new run.")
-    if ledger.mechanism.noise_multiplier != plan.mechanism.noise_multiplier:
-        ledger.change_noise(plan.mechanism.noise_multiplier)
-    return ledger
-
-
-def _write_secrets(run_dir: Path, seeds: Seeds) -> None:
-    """``run_dir/secrets.json``, readable by its owner only (mode 0600)."""
-    path = run_dir / SECRETS
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # also when the file was already there
-    with os.fdopen(descriptor, "w") as f:
-        json.dump(seeds.to_dict(), f)
-
-
-def _read_secrets(run_dir: Path) -> Seeds:
-    path = run_dir / SECRETS
-    if not path.is_file():
-        raise ValueError(f"cannot resume {run_dir}: {path} is missing, and the run's seeds with it; start a new run.")
-    return Seeds.from_dict(json.loads(path.read_text()))
-
-
-class _MetricsLog:
-    """``metrics.jsonl``: one JSON record per line, each with ``kind`` and ``step``; with
-    ``events``, every number also goes to TensorBoard as ``<kind>/<key>`` (``epsilon``
-    as itself). A resumed run appends a new event file; TensorBoard shows the newest
-    value of a step."""
-
-    def __init__(self, path: Path, events: EventWriter | None = None):
-        self.path, self.events = path, events
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def keep_until(self, step: int) -> None:
-        """Drops records after ``step`` (written by a run that is being resumed from there)."""
-        kept = [r for r in self.read() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, kind: str, step: int, **values) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(report.strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
-        if self.events is not None:
-            self.events.scalars(step, {(kind if key == kind else f"{kind}/{key}"): value for key, value in values.items()
-                                       if isinstance(value, (int, float)) and math.isfinite(value)})
+                                f"{ledger.steps}. Make {run.path} writable and {how}.") from None
 
 
 # ============================================================================ report
@@ -552,7 +415,7 @@ def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict],
     figures["inclusion probability p(t)"] = plots.inclusion_heatmap(
         inclusion_map(m.image_shape, m.crop, m.patch), run_dir / "inclusion.png",
         title=f"{title}, padding {m.crop.padding}; p* = {m.inclusion_probability:.4g}")
-    (run_dir / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    write_atomic(run_dir / "report.json", json.dumps(result, indent=1, allow_nan=False))
     counted = "pixels" if eval_set.task == "segmentation" else "images"
     lines = ["", f"## Per class (final evaluation; {counted} labelled as / predicted as the class)", "",
              f"| class | IoU | labelled {counted} | predicted {counted} |", "|---|---|---|---|"]
@@ -560,4 +423,4 @@ def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict],
               for k, c in result["per_class"].items()]
     lines += ["", "## Figures", ""]
     lines += [f"![{caption}]({path.relative_to(run_dir)})\n" for caption, path in figures.items()]
-    (run_dir / "report.md").write_text(report.markdown(result) + "\n".join(lines) + "\n")
+    write_atomic(run_dir / "report.md", report.markdown(result) + "\n".join(lines) + "\n")

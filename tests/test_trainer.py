@@ -3,8 +3,9 @@ and resumed equals an uninterrupted run, training stops before the ε budget is
 exceeded, the run directory holds the report and the plots, classification trains and
 scores accuracy, and `patchdp train` reports bad input in one line.
 
-Every run compiles its step; the three `patchdp train` processes of the kill-and-resume
-test share a persistent compilation cache, so only the first one compiles.
+Every run compiles its step; the `patchdp train` processes share a persistent
+compilation cache, so only the first one compiles. The tiny config and a finished run of
+it are fixtures of tests/conftest.py, shared with tests/test_bad_inputs.py.
 """
 
 import json
@@ -28,50 +29,18 @@ from patchdp.data import SyntheticScenes
 from patchdp.mechanism import DPSGD
 from patchdp.metrics import confusion_matrix
 from patchdp.metrics import scores as scores_of
+from patchdp.run_dir import Seeds
 from patchdp.sampling import FixedSizeSampling
-from patchdp.trainer import Seeds, evaluate, make_plan, train
+from patchdp.task import evaluate
+from patchdp.trainer import make_plan, train
 
-TINY = """
-model = "unet"
-dataset = "synthetic"
-crop = 8
-padding = 2
-patch = "rect:3x3"
-batch_size = 8
-noise_multiplier = 1.0
-delta = 1e-5
-steps = 12
-optimizer = "adam"
-learning_rate = 1e-2
-seed = 0
-log_every = 1
-epsilon_every = 4
-checkpoint_every = 4
-eval_examples = 8
-eval_batch_size = 8
-resolution = 1e-3
 
-[model_options]
-width = 4
-levels = 1
-
-[dataset_options]
-num_examples = 32
-image_size = 16
-"""
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A persistent compilation cache shared by the `patchdp train` subprocesses."""
     return str(tmp_path_factory.mktemp("jax-cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(TINY)
-    return path
 
 
 def cli(*args, cache_dir):
@@ -276,14 +245,6 @@ def test_train_errors_are_one_line(capsys, tmp_path, monkeypatch, tiny, args, me
 # ---------------------------------------------------------------- a finished run: what resume, report and export promise
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny):
-    """A finished secure run (OS-entropy seeds) of 4 steps at z = 1, checkpoints at steps 2 and 4."""
-    config = Config.from_toml(tiny, {"seed": None, "steps": 4, "checkpoint_every": 2})
-    run_dir = tmp_path_factory.mktemp("finished")
-    return config, run_dir, train(config, run_dir=run_dir, progress=False)
-
-
 def snapshot(run_dir: Path) -> dict:
     return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
@@ -462,3 +423,42 @@ def test_a_gaussian_augmentation_run_reports_its_own_guarantee(tiny, tmp_path, c
     assert "ε Gaussian augmentation, w = q·TV" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="needs augmentation_noise"):
         config.replace(augmentation_noise=None)
+
+
+def test_ctrl_c_and_sigterm_end_cleanly_and_a_second_run_is_refused(tmp_path, tiny, cache):
+    """Two `patchdp train` on one run directory: the second is refused in one line naming
+    the first's pid. Ctrl-C ends the first after its step in flight, with a checkpoint
+    whose ledger matches its step, one line giving the exact resume command, exit 130;
+    SIGTERM ends the resumed run likewise with 143. Seeds are never rewritten."""
+    run_dir = tmp_path / "run"
+    steps = ["--steps", "100000", "--checkpoint-every", "1000", "--log-every", "1000"]
+    first = cli("--config", str(tiny), "--run-dir", str(run_dir), *steps, cache_dir=cache)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "secrets.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    second = cli("--config", str(tiny), "--run-dir", str(run_dir), cache_dir=cache)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and err.count("\n") == 1
+    assert err.startswith(f"patchdp: error: {run_dir} is in use by pid {first.pid} on "), err
+    secrets = (run_dir / "secrets.json").read_bytes()
+
+    for process, signum, status in [(first, signal.SIGINT, 130), (None, signal.SIGTERM, 143)]:
+        if process is None:
+            process = cli("--resume", str(run_dir), cache_dir=cache)
+        for line in process.stderr:  # a signal during compilation acts after the first step; wait for it
+            if "took the first step" in line:
+                break
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == status, err[-2000:]
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"patchdp: interrupted by {signal.Signals(signum).name}: stopped after step "), last
+        assert last.endswith(f"continue with `patchdp train --resume {run_dir}`"), last
+        step, meta = final_params(run_dir)[0], None
+        with Checkpointer(run_dir / "checkpoints") as checkpoints:
+            _, meta = checkpoints.restore()
+        assert f"stopped after step {step}," in last
+        assert accounting.Ledger.from_dict(meta["ledger"], DPSGD.from_dict(meta["ledger"]["mechanism"])).steps == step
+        assert (run_dir / "secrets.json").read_bytes() == secrets and not (run_dir / "run.lock").exists()

@@ -50,8 +50,9 @@ and relation together is :class:`patchdp.DPSGD` (:mod:`patchdp.mechanism`).
 
 from patchdp.accounting.closed_forms import (data_level_noise_profile, gaussian_mechanism_delta,
                                              gaussian_mechanism_epsilon)
+from patchdp.accounting.composition import GridTooFine
 from patchdp.accounting.ledger import Ledger
-from patchdp.accounting.queries import (DEFAULT_RESOLUTION, calibrate_noise, delta, epsilon, max_steps,
+from patchdp.accounting.queries import (DEFAULT_RESOLUTION, MAX_RESOLUTION, calibrate_noise, delta, epsilon, max_steps,
                                         numerical_floor, privacy_profile)
 from patchdp.accounting.relations import (AddRemove, GaussianAugmentation, ImageLevel, PatchLevel, Relation,
                                           effective_sampling_rate, relation_from_dict)
@@ -60,5 +61,5 @@ __all__ = [
     "PatchLevel", "ImageLevel", "AddRemove", "GaussianAugmentation", "Relation", "relation_from_dict",
     "effective_sampling_rate", "epsilon", "delta", "privacy_profile", "numerical_floor", "calibrate_noise",
     "max_steps", "Ledger", "gaussian_mechanism_delta", "gaussian_mechanism_epsilon", "data_level_noise_profile",
-    "DEFAULT_RESOLUTION",
+    "DEFAULT_RESOLUTION", "GridTooFine", "MAX_RESOLUTION",
 ]

@@ -17,7 +17,7 @@ from scipy import signal, special
 
 from patchdp.accounting.loss import PLD
 
-__all__ = ["self_compose", "compose", "delta_of", "epsilon_of", "rounding_allowance", "TAIL_MASS"]
+__all__ = ["self_compose", "compose", "delta_of", "epsilon_of", "rounding_allowance", "TAIL_MASS", "GridTooFine"]
 
 TAIL_MASS = 1e-15  # mass dropped (→ +∞, pessimistically) per composition
 
@@ -102,13 +102,23 @@ def _fft_error(size: int) -> float:
     return math.expm1(levels * math.log1p(_FFT_LEVEL_ERROR)) + 2 * _UNIT_ROUNDOFF
 
 
-def _fft_length(points: int, step: float) -> int:
-    """A fast (5-smooth) FFT length ≥ ``points``, or a ValueError when the grid is too fine."""
-    if points > _MAX_GRID:
-        coarser = step * points / _MAX_GRID
-        raise ValueError(f"the composed privacy loss distribution needs {points:,} grid points at resolution "
-                         f"{step:g}, more than {_MAX_GRID:,}: use resolution >= {coarser:.2g} nats "
+class GridTooFine(ValueError):
+    """The composed PLD needs more grid points than fit in memory at this resolution.
+    ``coarser`` is a resolution to try next (the grid shrinks about in proportion; the
+    one-step grid's own cap can make it shrink less, so it may take more than one try).
+    A coarser grid is still an upper bound: the discretisation rounds every loss up."""
+
+    def __init__(self, points: int, step: float):
+        self.coarser = step * points / _MAX_GRID * 1.01
+        super().__init__(f"the composed privacy loss distribution needs {points:,} grid points at resolution "
+                         f"{step:g}, more than {_MAX_GRID:,}: use resolution >= {self.coarser:.2g} nats "
                          "(ε is then rounded up a little more), or fewer steps.")
+
+
+def _fft_length(points: int, step: float) -> int:
+    """A fast (5-smooth) FFT length ≥ ``points``, or :class:`GridTooFine` when the grid is too fine."""
+    if points > _MAX_GRID:
+        raise GridTooFine(points, step)
     return sp_fft.next_fast_len(points, real=True)
 
 

@@ -27,10 +27,13 @@ from patchdp.accounting.relations import Relation, effective_sampling_rate
 from patchdp.sampling import Sampling
 
 __all__ = ["DEFAULT_RESOLUTION", "composed", "epsilon", "delta", "privacy_profile", "numerical_floor",
-           "calibrate_noise", "max_steps", "last_true", "check_noise", "check_delta", "check_resolution"]
+           "calibrate_noise", "max_steps", "last_true", "check_noise", "check_delta", "check_resolution",
+           "MAX_RESOLUTION"]
 
 DEFAULT_RESOLUTION = 1e-4
 """Spacing Δε of the privacy-loss grid (nats). Smaller is tighter and slower."""
+MAX_RESOLUTION = 0.1
+"""The coarsest grid spacing accepted (nats)."""
 
 _MIN_NOISE, _MAX_NOISE = 1e-100, 1e100  # noise multipliers whose μ = 2/z squares within float64
 
@@ -57,7 +60,7 @@ def check_delta(value, sampling: Sampling | None = None) -> float:
 
 
 def check_resolution(value) -> float:
-    return _validation.number("resolution (PLD grid spacing in nats)", value, 0, 0.1, low_open=True)
+    return _validation.number("resolution (PLD grid spacing in nats)", value, 0, MAX_RESOLUTION, low_open=True)
 
 
 @functools.lru_cache(maxsize=2)  # a profile and its numerical floor share one composition
