@@ -178,10 +178,13 @@ def _warnings_as_lines():
 def _warn_if_no_amplification(p_star: float, image, crop: CropSpec, patch: Patch) -> None:
     if p_star >= 1:
         h, w = image[0] + 2 * crop.padding, image[1] + 2 * crop.padding
-        hit = "the patch" if patch.count == 1 else f"the union of {patch.count} patches (or p*_{patch.count} is " \
-                                                   "bounded by 1 only)"
-        _warn(f"p* = 1: every crop hits {hit} wherever it lies (crops on the {h}x{w} padded image), "
-              "so cropping gives no amplification; use a smaller crop or more padding.")
+        if patch.count == 1:
+            _warn(f"p* = 1: every crop hits the patch wherever it lies (crops on the {h}x{w} padded image), "
+                  "so cropping gives no amplification; use a smaller crop or more padding.")
+        else:
+            _warn(f"p*_{patch.count} is bounded by 1 only: crops this large (on the {h}x{w} padded image) meet "
+                  f"{patch.count} patches (nearly) always, so cropping gives no amplification; use a smaller crop, "
+                  "more padding or fewer patches.")
 
 
 def cmd_privacy(args) -> None:

@@ -137,3 +137,58 @@ def test_config_patches_and_the_words_of_the_report():
     assert Patch.disc(5).describe() == "one patch of disc5 (21 px) in one image"
     with pytest.raises(ValueError, match="patches.*>= 1, got 0"):
         Config(patches=0, noise_multiplier=1.0)
+
+
+def test_the_trainer_plans_k_patches_and_refuses_to_resume_with_another_k(tmp_path):
+    from patchdp.trainer import _resumable_ledger, make_plan
+
+    config = Config(patch="rect:3x3", patches=3, crop=8, batch_size=8, noise_multiplier=1.0, steps=5)
+    plan = make_plan(config, 64, (16, 16, 3))
+    assert plan.mechanism.patch == Patch.rectangle(3).up_to(3)
+    ledger = plan.mechanism.ledger()
+    ledger.step(2)
+    checkpoint = {"step": 2, "ledger": json.loads(json.dumps(ledger.to_dict()))}
+    assert _resumable_ledger(checkpoint, plan, tmp_path).steps == 2
+    with pytest.raises(ValueError, match="patch.count 3 → 1"):
+        _resumable_ledger(checkpoint, make_plan(config.replace(patches=1), 64, (16, 16, 3)), tmp_path)
+
+
+def cli(capsys, *argv):
+    from patchdp.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_patches(capsys):
+    small = ["--image-size", "12", "--crop", "5", "--patch", "rect:2x2"]
+    code, out, err = cli(capsys, "inclusion", *small, "--patches", "2", "--json")
+    r = json.loads(out)
+    assert code == 0 and err == "" and r["inclusion_probability_exact"] == "7/8"
+    assert r["inclusion_probability_is"] == "exact" and r["protected"] == "any 2 patches of 2x2 px in one image"
+    code, out, _ = cli(capsys, "privacy", *small, "--patches", "2", "--batch-size", "10", "--dataset-size", "100",
+                       "--steps", "20", "--resolution", "1e-3", "--json")
+    r = json.loads(out)
+    mechanism = DPSGD.from_dict(r["mechanism"])
+    assert mechanism.patch.count == 2 and r["inclusion_probability"] == 7 / 8
+    assert r["inclusion_probability_is"] == "exact" and r["epsilon_patch"] == mechanism.epsilon(20)
+    assert r["epsilon_patch"] > mechanism.replace(patch=Patch.rectangle(2)).epsilon(20)
+    code, out, _ = cli(capsys, "privacy", *small, "--patches", "2", "--steps", "20", "--batch-size", "10",
+                       "--dataset-size", "100", "--resolution", "1e-3")
+    assert "any 2 patches of 2x2 px in one image" in out and "0.875  (exact)" in out
+    code, _, err = cli(capsys, "calibrate", *small, "--patches", "0", "--epsilon", "1")
+    assert code == 2 and err.count("\n") == 1 and "patch count (patches per image) must be an integer >= 1" in err
+
+
+def test_the_audit_canary_covers_the_k_worst_placements():
+    from patchdp.audit import canary_datasets
+
+    image, crop, patch = (12, 12), CropSpec(5), Patch.rectangle(2).up_to(2)
+    _, with_canary, location = canary_datasets(image, crop, patch, dataset_size=3)
+    placements = union_inclusion(image, crop, patch).placements
+    assert location == placements[0] and len(placements) == 2
+    marked = np.zeros(image, bool)
+    for a, b in placements:
+        marked[a:a + 2, b:b + 2] = True
+    assert ((with_canary[0, :, :, 0] > 0) == marked).all() and not with_canary[1:].any()
