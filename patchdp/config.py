@@ -13,8 +13,9 @@ Noise: give ``noise_multiplier`` (z, the noise std in units of the clip norm), o
 ``target_epsilon``, from which z is calibrated for the planned number of steps by the
 accounting named in ``accounting`` (``"patch"``: w = q·p*; ``"image"``: standard
 DP-SGD, w = q; ``"gaussian_augmentation"``: the paper's comparator, w = q·TV with
-TV = 2Φ(Δ / 2σ_aug) − 1 and Δ = sqrt(patch area · channels)·255, which needs
-``augmentation_noise`` = σ_aug and takes no credit for the crops). ``target_epsilon``
+TV = 2Φ(Δ / 2σ_aug) − 1 and Δ = sqrt(patch area · channels)·255 (k·area with
+``patches = k``), which needs ``augmentation_noise`` = σ_aug and takes no credit for the
+crops). ``target_epsilon``
 is also the budget: training stops before a step would exceed it. Giving both fixes z and keeps the budget.
 
 Seed: ``seed = None`` (the default) draws every secret — batch sampling, crop offsets,
