@@ -150,8 +150,9 @@ def _largest(gains: list[np.ndarray], weights: list[Fraction], count: int) -> tu
     """The (at most) ``count`` placements with the largest positive weighted gain
     Σ_s w_s · gains_s, best first (ties: lower flat index first), and their exact values.
 
-    Floats only preselect: their relative error is below 1e-15, far inside the 1e-9 margin,
-    so every placement of the exact top ``count`` is among the candidates."""
+    Floats only preselect: a sum of m nonnegative rounded products has relative error at
+    most (m + 1)·2⁻⁵³, far inside the 1e-9 margin, so every placement of the exact top
+    ``count`` is among the candidates; their order and values are exact."""
     flat = [g.ravel() for g in gains]
     approx = sum(float(w) * g for w, g in zip(weights, flat))
     count = min(count, approx.size)
@@ -161,7 +162,8 @@ def _largest(gains: list[np.ndarray], weights: list[Fraction], count: int) -> tu
         return candidates, []
     tuples, inverse = np.unique(np.stack([g[candidates] for g in flat], 1), axis=0, return_inverse=True)
     values = [sum((w * int(x) for w, x in zip(weights, row)), Fraction(0)) for row in tuples]
-    rank = np.argsort(np.argsort(np.array(values, object))[::-1])  # 0 = largest value
+    position = {v: i for i, v in enumerate(sorted(set(values), reverse=True))}
+    rank = np.array([position[v] for v in values])  # 0 = the largest value
     order = np.lexsort((candidates, rank[inverse.reshape(-1)]))[:count]
     return candidates[order], [values[i] for i in inverse.reshape(-1)[order]]
 
@@ -192,9 +194,6 @@ class _Coverage:
     def gains(self, covered: list[np.ndarray]) -> list[np.ndarray]:
         return [g.gains(c) for g, c in zip(self.geometries, covered)]
 
-    def value(self, covered: list[np.ndarray]) -> Fraction:
-        return sum((w * int(c.sum()) for w, c in zip(self.weights, covered)), Fraction(0))
-
     def greedy(self) -> tuple[Fraction, Fraction, list[int]]:
         """(lower, upper, chosen): the greedy's k placements, their value, and the smallest
         bound (*) over its steps."""
@@ -209,14 +208,14 @@ class _Coverage:
             value += gains[0]
         return value, upper, chosen
 
-    def search(self, best: Fraction, best_set: list[int]) -> tuple[Fraction, list[int]]:
-        """The maximum over all sets of up to k placements, starting from a known set;
-        raises _Budget when the work limit is reached."""
-        self._best, self._best_set = best, list(best_set)
-        self._branch(self.empty(), Fraction(0), [], np.zeros(self.shape[0] * self.shape[1], bool))
-        return self._best, self._best_set
+    def search(self, best: tuple[Fraction, list[int]]) -> tuple[Fraction, list[int]]:
+        """The maximum over all sets of up to k placements and a set that attains it, given a
+        known (value, set); raises _Budget when the work limit is reached."""
+        return self._branch(self.empty(), Fraction(0), [], np.zeros(self.shape[0] * self.shape[1], bool), best)
 
-    def _branch(self, covered, value, chosen, excluded) -> None:
+    def _branch(self, covered, value, chosen, excluded, best):
+        """The better of ``best`` and the best set that adds to ``chosen`` (of value
+        ``value``, covering ``covered``) up to k − len(chosen) placements not ``excluded``."""
         self.work_left -= max((self.rectangles + 20) * excluded.size, 2000)
         if self.work_left < 0:
             raise _Budget
@@ -227,14 +226,14 @@ class _Coverage:
         left = self.k - len(chosen)
         for i, (index, gain) in enumerate(zip(order, values)):
             # (*) at this node: nothing in this branch or the later ones can do better
-            if value + gain + sum(values[i + 1:i + left], Fraction(0)) <= self._best:
-                return
+            if value + gain + sum(values[i + 1:i + left], Fraction(0)) <= best[0]:
+                break
             if left == 1:
-                self._best, self._best_set = value + gain, chosen + [int(index)]
-                return
+                return value + gain, chosen + [int(index)]
             excluded = excluded.copy()
             excluded[order[:i + 1]] = True
-            self._branch(self.add(covered, index), value + gain, chosen + [int(index)], excluded)
+            best = self._branch(self.add(covered, index), value + gain, chosen + [int(index)], excluded, best)
+        return best
 
 
 def union_inclusion(image_shape, crop: CropSpec, patch: Patch, *,
@@ -252,7 +251,7 @@ def union_inclusion(image_shape, crop: CropSpec, patch: Patch, *,
     lower, upper, chosen = coverage.greedy()
     if lower < upper:
         try:
-            lower, chosen = coverage.search(lower, chosen)
+            lower, chosen = coverage.search((lower, chosen))
             upper = lower
         except _Budget:
             pass
