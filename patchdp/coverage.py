@@ -206,6 +206,8 @@ class _Coverage:
             chosen.append(int(best[0]))
             covered = self.add(covered, chosen[-1])
             value += gains[0]
+            if value == upper:  # the bounds met: exact
+                break
         return value, upper, chosen
 
     def search(self, best: tuple[Fraction, list[int]]) -> tuple[Fraction, list[int]]:
