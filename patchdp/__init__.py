@@ -8,6 +8,7 @@ accountant's inclusion probability p*; one sampling object (:class:`FixedSizeSam
 - the mechanism: ``DPSGD`` (sampling, crops, patch, clip norm, noise, accounting: the
   step, its noise and its ledger are all built from it)
 - crops and inclusion: ``CropSpec``, ``Patch``, ``inclusion_probability``, ``inclusion_map``,
+  ``union_inclusion`` (p*_k for up to k patches per image, exact or an upper bound),
   ``crop``, ``crop_batch`` (the random crops, on device)
 - sampling schemes: ``FixedSizeSampling``, ``PoissonSampling``, ``SamplingSeed``
 - relations (what is protected): ``PatchLevel``, ``ImageLevel``, ``AddRemove``,
@@ -34,6 +35,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _HOMES = {
     "patchdp.mechanism": ("DPSGD",),
     "patchdp.inclusion": ("CropSpec", "Patch", "inclusion_probability", "inclusion_map"),
+    "patchdp.coverage": ("union_inclusion", "UnionInclusion"),
     "patchdp.crops": ("crop", "crop_batch"),
     "patchdp.sampling": ("FixedSizeSampling", "PoissonSampling", "SamplingSeed"),
     "patchdp.accounting": ("PatchLevel", "ImageLevel", "AddRemove", "GaussianAugmentation", "epsilon", "delta",

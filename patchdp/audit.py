@@ -11,7 +11,8 @@ relation). The adversary chooses the worst case the guarantee must cover:
 
 - the data: N all-zero images; in D' one of them carries a canary patch (pixels
   :data:`CANARY_VALUE` on the patch mask R) at the placement t* with the largest
-  inclusion probability p* (``patchdp.inclusion.inclusion_map``);
+  inclusion probability p* (with k patches, one canary on each of the k placements whose
+  union the crops meet most often, ``patchdp.coverage.union_inclusion``);
 - the model: one scalar parameter θ with the linear loss
   ``θ · (max(crop) − 1) · 1000 C`` (:func:`canary_loss`). Its gradient is −1000 C for
   a crop of zeros and far above +C for a crop that contains a canary pixel (with K crops
@@ -52,7 +53,8 @@ import numpy as np
 import optax
 from scipy import stats
 
-from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map
+from patchdp.coverage import union_inclusion
+from patchdp.inclusion import CropSpec, Patch, image_hw
 from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling, SamplingSeed
 from patchdp.training import Batch, TrainState, make_train_step
@@ -198,16 +200,19 @@ def canary_datasets(image_shape, crop: CropSpec, patch: Patch, dataset_size: int
 
     Returns (without, with_canary, location): float32 arrays (N, H, W, 1) of zeros, the
     second with example 0's patch R set to :data:`CANARY_VALUE` at the placement t* =
-    (row, column) of R's bounding box that maximises p(t), i.e. p(t*) = p*.
+    (row, column) of R's bounding box that maximises p(t), i.e. p(t*) = p*. For up to
+    k = ``patch.count`` patches, a canary at each of the k placements whose union the crops
+    meet most often (``patchdp.coverage.union_inclusion``; ``location`` is the first).
     """
     height, width = image_hw(image_shape)
-    p = inclusion_map((height, width), crop, patch)
-    row, col = (int(i) for i in np.unravel_index(np.argmax(p), p.shape))
+    placements = union_inclusion((height, width), crop, patch).placements
     without = np.zeros((dataset_size, height, width, 1), np.float32)
     with_canary = without.copy()
     ph, pw = patch.shape
-    with_canary[0, row:row + ph, col:col + pw, 0] = np.where(patch.mask, CANARY_VALUE, 0.0)
-    return without, with_canary, (row, col)
+    for row, col in placements:
+        region = with_canary[0, row:row + ph, col:col + pw, 0]
+        region[patch.mask] = CANARY_VALUE
+    return without, with_canary, placements[0]
 
 
 def canary_loss(clip_norm: float):

@@ -27,7 +27,8 @@ import warnings
 
 from patchdp import _validation, accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
-from patchdp.inclusion import CropSpec, check_memory, image_hw, inclusion_map, inclusion_probability, map_bytes
+from patchdp.coverage import union_inclusion
+from patchdp.inclusion import CropSpec, Patch, check_memory, image_hw, inclusion_map, inclusion_probability, map_bytes
 from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling
 
@@ -99,6 +100,7 @@ def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = T
                    help="K crops per example, losses averaged before clipping (default %(default)s)")
     g.add_argument("--patch", default=d["patch"],
                    help="rect:HxW, disc:D, blob:D, cluster:D[:GAP] or a .npy boolean mask (default %(default)s)")
+    _add_patches_argument(g)
     if not accounting_args:
         return
     g = p.add_argument_group("training and accounting")
@@ -114,12 +116,22 @@ def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = T
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_patches_argument(group) -> None:
+    group.add_argument("--patches", type=int, default=1, metavar="K",
+                       help="protect up to K patches of that shape in one image at once (default %(default)s)")
+
+
+def _patch(args) -> Patch:
+    """The protected patch, up to ``--patches`` times per image."""
+    return parse_patch(args.patch).up_to(args.patches)
+
+
 def _mechanism(args, noise_multiplier: float) -> DPSGD:
     """The mechanism the accounting verbs describe. ε does not depend on the clip norm
     (z is in units of C), so C = 1 stands for any."""
     return DPSGD(sampling=_sampling(args), clip_norm=1.0, noise_multiplier=noise_multiplier, delta=args.delta,
                  crop=_crop_spec(args), image_shape=image_hw(_validation.size("--image-size", args.image_size)),
-                 patch=parse_patch(args.patch), resolution=args.resolution)
+                 patch=_patch(args), resolution=args.resolution)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -171,11 +183,16 @@ def _warnings_as_lines():
         yield
 
 
-def _warn_if_no_amplification(p_star: float, image, crop: CropSpec) -> None:
+def _warn_if_no_amplification(p_star: float, image, crop: CropSpec, patch: Patch) -> None:
     if p_star >= 1:
         h, w = image[0] + 2 * crop.padding, image[1] + 2 * crop.padding
-        _warn(f"p* = 1: every crop hits the patch wherever it lies (crops on the {h}x{w} padded image), "
-              "so cropping gives no amplification; use a smaller crop or more padding.")
+        if patch.count == 1:
+            _warn(f"p* = 1: every crop hits the patch wherever it lies (crops on the {h}x{w} padded image), "
+                  "so cropping gives no amplification; use a smaller crop or more padding.")
+        else:
+            _warn(f"p*_{patch.count} is bounded by 1 only: crops this large (on the {h}x{w} padded image) meet "
+                  f"{patch.count} patches (nearly) always, so cropping gives no amplification; use a smaller crop, "
+                  "more padding or fewer patches.")
 
 
 def _warn_if_implausible(mechanism: DPSGD) -> None:
@@ -210,7 +227,7 @@ def _at_finest_resolution(compute, mechanism: DPSGD):
 def cmd_privacy(args) -> None:
     mechanism = _mechanism(args, args.noise)
     steps = _steps(args, mechanism.sampling)
-    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
+    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop, mechanism.patch)
     _warn_if_implausible(mechanism)
 
     def compare(mechanism):
@@ -226,7 +243,7 @@ def cmd_privacy(args) -> None:
 def cmd_calibrate(args) -> None:
     mechanism = _mechanism(args, 1.0)
     steps = _steps(args, mechanism.sampling)
-    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
+    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop, mechanism.patch)
     _warn_if_implausible(mechanism)
     if _validation.epsilon(args.epsilon) > MAX_TARGET_EPSILON:
         raise CliError(f"target ε = {args.epsilon:g} is beyond {MAX_TARGET_EPSILON:g} nats, a bound of e^ε on the "
@@ -243,37 +260,60 @@ def cmd_calibrate(args) -> None:
         raise CliError(needed["noise_multiplier_patch_reason"])
     rows = _describe(mechanism, steps, args) + [
         ("target ε", f"{args.epsilon:g}"),
-        ("p*  (crop hits patch)", f"{mechanism.inclusion_probability:.6g}"),
+        ("protected", mechanism.patch.describe()),
+        ("p*  (crop hits patch)", f"{mechanism.inclusion_probability:.6g}  "
+                                  f"({report.inclusion_kind(mechanism.inclusion_exact)})"),
         ("w = q·p*", f"{mechanism.effective_sampling_rate:.6g}"),
         ("noise z, patch-level", report.shown(needed, "noise_multiplier_patch", ".4f")),
         ("noise z, image-level", report.shown(needed, "noise_multiplier_image", ".4f")),
         ("ratio image / patch", f"{report.shown(needed, 'noise_ratio', '.2f')}x"),
     ]
     _print({"inclusion_probability": mechanism.inclusion_probability,
+            "inclusion_probability_is": report.inclusion_kind(mechanism.inclusion_exact),
             "effective_sampling_rate": mechanism.effective_sampling_rate, **needed}, rows, args.json)
 
 
 def cmd_inclusion(args) -> None:
     image = image_hw(_validation.size("--image-size", args.image_size))
-    crop, patch = _crop_spec(args), parse_patch(args.patch)
-    p_star = inclusion_probability(image, crop, patch)
-    _warn_if_no_amplification(p_star, image, crop)
-    try:
-        result = {"inclusion_probability": p_star,
-                  "inclusion_probability_exact": str(inclusion_probability(image, crop, patch, exact=True))}
-    except ValueError as too_long:  # K crops: a fraction of millions of digits
-        result = {"inclusion_probability": p_star, "inclusion_probability_exact": None,
-                  "inclusion_probability_exact_reason": str(too_long)}
+    crop, patch = _crop_spec(args), _patch(args)
+    if patch.count == 1:  # memory linear in the image side for rectangles; a bounded float for many crops
+        p_star, kind, placements = inclusion_probability(image, crop, patch), "exact", ()
+        try:
+            exact, reason = str(inclusion_probability(image, crop, patch, exact=True)), None
+        except ValueError as too_long:  # K crops: a fraction of millions of digits
+            exact, reason, kind = None, str(too_long), "upper bound"
+        result = {"protected": patch.describe(), "inclusion_probability": p_star, "inclusion_probability_exact": exact,
+                  "inclusion_probability_is": kind}
+        if reason:
+            result["inclusion_probability_exact_reason"] = reason
+        rows = [("protected", result["protected"]), ("p*", f"{p_star:.6g}"),
+                ("exact", report.shown(result, "inclusion_probability_exact", "s"))]
+    else:
+        check_memory("searching the placements of several patches", map_bytes(image, crop, patch), image)
+        bound = union_inclusion(image, crop, patch)
+        p_star, kind, placements = bound.probability, report.inclusion_kind(bound.exact), bound.placements
+        result = {"protected": patch.describe(), "inclusion_probability": p_star,
+                  "inclusion_probability_exact": str(bound.upper), "inclusion_probability_is": kind,
+                  "inclusion_probability_lower": str(bound.lower), "worst_case_placements": [list(t) for t in placements]}
+        rows = [("protected", result["protected"]), (f"p*_{patch.count}", f"{p_star:.6g}  ({kind})"),
+                ("exact" if bound.exact else "upper bound", result["inclusion_probability_exact"])]
+        if not bound.exact:
+            rows.append(("lower bound (the placements below)", f"{float(bound.lower):.6g}"))
+        rows.append(("worst-case placements (row, col)" if bound.exact else "placements found (row, col)",
+                     " ".join(f"({a}, {b})" for a, b in placements)))
+    _warn_if_no_amplification(p_star, image, crop, patch)
     if args.heatmap:
         from patchdp import plots
         check_memory("the heatmap of p(t)", map_bytes(image, crop, patch) + HEATMAP_BYTES * image[0] * image[1], image)
         p_map = inclusion_map(image, crop, patch)
         title = f"p(t): {patch.name}, crop {args.crop}, padding {crop.padding}; p* = {p_star:.4g}"
+        if patch.count > 1:
+            title = f"p(t) of one {patch.name}, crop {args.crop}, padding {crop.padding}; p*_{patch.count} = {p_star:.4g}"
         try:
-            result["heatmap"] = str(plots.inclusion_heatmap(p_map, args.heatmap, title=title))
+            result["heatmap"] = str(plots.inclusion_heatmap(p_map, args.heatmap, title=title,
+                                                            placements=placements, patch_shape=patch.shape))
         except OSError as error:
             raise CliError(f"cannot write the heatmap {args.heatmap}: {error.strerror} ({error.filename}).") from None
-    rows = [("p*", f"{p_star:.6g}"), ("exact", report.shown(result, "inclusion_probability_exact", "s"))]
     if args.heatmap:
         rows.append(("heatmap", result["heatmap"]))
     _print(result, rows, args.json)
@@ -367,6 +407,7 @@ def _add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--padding", type=int, default=0, help="zero padding P per side (default %(default)s)")
     p.add_argument("--crops-per-example", "-K", type=int, default=1, help="K crops per example (default %(default)s)")
     p.add_argument("--patch", default="rect:1x1", help="the protected patch, as for `privacy` (default %(default)s)")
+    _add_patches_argument(p)
     p.add_argument("--batch-size", type=int, default=4, help="B, fixed-size batches (default %(default)s)")
     p.add_argument("--dataset-size", type=int, default=4, help="N; q = B/N (default %(default)s)")
     p.add_argument("--noise", "-z", type=float, default=2.0, help="noise multiplier z (default %(default)s)")
@@ -388,7 +429,7 @@ def cmd_audit(args) -> None:
                       crop=CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
                                     crops_per_example=args.crops_per_example),
                       image_shape=image_hw(_validation.size("--image-size", args.image_size)),
-                      patch=parse_patch(args.patch))
+                      patch=_patch(args))
     r = audit(mechanism, runs=args.runs, key=jax.random.key(args.seed), seed=SamplingSeed.fixed(args.seed))
     result = {"epsilon_audited": r.bound.epsilon, "confidence": r.bound.confidence,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image,

@@ -13,8 +13,9 @@ Noise: give ``noise_multiplier`` (z, the noise std in units of the clip norm), o
 ``target_epsilon``, from which z is calibrated for the planned number of steps by the
 accounting named in ``accounting`` (``"patch"``: w = q·p*; ``"image"``: standard
 DP-SGD, w = q; ``"gaussian_augmentation"``: the paper's comparator, w = q·TV with
-TV = 2Φ(Δ / 2σ_aug) − 1 and Δ = sqrt(patch area · channels)·255, which needs
-``augmentation_noise`` = σ_aug and takes no credit for the crops). ``target_epsilon``
+TV = 2Φ(Δ / 2σ_aug) − 1 and Δ = sqrt(patch area · channels)·255 (k·area with
+``patches = k``), which needs ``augmentation_noise`` = σ_aug and takes no credit for the
+crops). ``target_epsilon``
 is also the budget: training stops before a step would exceed it. Giving both fixes z and keeps the budget.
 
 Seed: ``seed = None`` (the default) draws every secret — batch sampling, crop offsets,
@@ -74,6 +75,8 @@ class Config:
         averaged before clipping; flip: random horizontal flips after cropping.
       patch: the protected region: ``rect:HxW``, ``disc:D``, ``blob:D``,
         ``cluster:D[:GAP]`` or a ``.npy`` boolean mask.
+      patches: k ≥ 1: protect up to k patches of that shape in one image at once (their
+        union; p*_k, exact or an upper bound, ``patchdp.coverage``).
     DP-SGD:
       batch_size: B (fixed-size sampling, q = B/N) or the expected batch (Poisson, q = B/N).
       sampling: ``"fixed"`` or ``"poisson"``; clip_norm: C.
@@ -114,6 +117,7 @@ class Config:
     crops_per_example: int = 1
     flip: bool = False
     patch: str = "rect:7x7"
+    patches: int = 1
 
     batch_size: int = 64
     sampling: str = "fixed"
@@ -173,6 +177,7 @@ class Config:
         _boolean("flip", self.flip)
         with _about("crop"):  # built once now, so that a bad crop or patch fails here
             _ = self.crop_spec
+        _integer("patches", self.patches, 1)
         with _about("patch"):
             _ = self.patch_shape
 
@@ -225,8 +230,8 @@ class Config:
 
     @property
     def patch_shape(self) -> Patch:
-        """The protected region R."""
-        return parse_patch(self.patch)
+        """The protected region R, up to ``patches`` times per image."""
+        return parse_patch(self.patch).up_to(self.patches)
 
     @property
     def secure(self) -> bool:

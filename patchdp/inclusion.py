@@ -161,12 +161,19 @@ class CropSpec:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Patch:
     """The shape R of the protected region: a non-empty boolean mask, cropped to its
-    bounding box. It may be placed anywhere inside the unpadded image."""
+    bounding box. It may be placed anywhere inside the unpadded image.
+
+    ``count`` = k protects up to k patches of this shape at once, anywhere in one image
+    (their union; docs/method.md, "Several patches per image"): ``Patch.rectangle(10).up_to(6)``
+    protects any 6 patches of 10×10 px. Its p*_k comes from :func:`patchdp.coverage.union_inclusion`.
+    """
 
     mask: np.ndarray
     name: str = "mask"
+    count: int = 1
 
     def __post_init__(self):
+        object.__setattr__(self, "count", _validation.integer("patch count (patches per image)", self.count))
         mask = np.asarray(self.mask)
         if mask.ndim != 2:
             raise ValueError(f"a patch mask must be 2-D, got shape {mask.shape}.")
@@ -182,23 +189,35 @@ class Patch:
         object.__setattr__(self, "mask", mask)
 
     def __eq__(self, other) -> bool:
-        """Patches are equal when their masks are (the name is a label)."""
-        return isinstance(other, Patch) and self.mask.shape == other.mask.shape and bool(
-            (self.mask == other.mask).all())
+        """Patches are equal when their masks and counts are (the name is a label)."""
+        return isinstance(other, Patch) and self.count == other.count and self.mask.shape == other.mask.shape \
+            and bool((self.mask == other.mask).all())
 
     def __hash__(self) -> int:
-        return hash((self.mask.shape, self.mask.tobytes()))
+        return hash((self.mask.shape, self.mask.tobytes(), self.count))
+
+    def up_to(self, count: int) -> "Patch":
+        """The same shape, protected up to ``count`` times in one image (k = ``count``)."""
+        return dataclasses.replace(self, count=count)
+
+    def describe(self) -> str:
+        """What is protected, in words: "any 6 patches of 10x10 px in one image"."""
+        shape = f"{self.shape[0]}x{self.shape[1]} px" if self.is_rectangle else f"{self.name} ({self.area} px)"
+        return f"one patch of {shape} in one image" if self.count == 1 else \
+            f"any {self.count} patches of {shape} in one image"
 
     def to_dict(self) -> dict:
-        """Plain JSON: the name and the mask as rows of "0"/"1" (:meth:`from_dict`)."""
-        return {"name": self.name, "mask": ["".join("1" if v else "0" for v in row) for row in self.mask]}
+        """Plain JSON: the name, the mask as rows of "0"/"1", and the count when it is
+        above 1 (:meth:`from_dict`; a single patch serialises as before counts existed)."""
+        state = {"name": self.name, "mask": ["".join("1" if v else "0" for v in row) for row in self.mask]}
+        return state if self.count == 1 else {**state, "count": self.count}
 
     @classmethod
     def from_dict(cls, state: dict) -> "Patch":
         rows = state["mask"]
         if not isinstance(rows, list) or not all(isinstance(r, str) and set(r) <= {"0", "1"} for r in rows):
             raise ValueError(f"a saved patch mask must be a list of '0'/'1' rows, got {rows!r}.")
-        return cls(np.array([[c == "1" for c in row] for row in rows], bool), state["name"])
+        return cls(np.array([[c == "1" for c in row] for row in rows], bool), state["name"], state.get("count", 1))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -383,6 +402,8 @@ def inclusion_map(image_shape, crop: CropSpec, patch: Patch) -> np.ndarray:
 
     Includes the crop-size mixture (Σ_k π_k p_k(t)) and K crops (1 − (1 − p(t))^K).
     Raises ValueError before allocating when the map needs more than ``MAX_BYTES``.
+    It is the map of ONE patch, whatever ``patch.count``: where k patches lie worst is
+    :func:`patchdp.coverage.union_inclusion`'s ``placements``.
     """
     _check_types(crop, patch)
     image = image_hw(image_shape)
@@ -416,8 +437,16 @@ def inclusion_probability(image_shape, crop: CropSpec, patch: Patch, *, exact: b
     ValueError when it needs more than ``MAX_BYTES``. With many crops per example (K),
     an exact fraction of more than ``MAX_EXACT_BITS`` bits is refused and the float is
     bounded from above without it.
+    For up to k = ``patch.count`` > 1 patches it is p*_k, or an upper bound on it where
+    the exact value is out of reach (``exact=True`` gives that bound as a ``Fraction``;
+    :func:`patchdp.coverage.union_inclusion` says which, and where the patches lie).
     """
     _check_types(crop, patch)
+    if patch.count > 1:
+        from patchdp.coverage import union_inclusion  # coverage builds on this module
+
+        bound = union_inclusion(image_shape, crop, patch)
+        return bound.upper if exact else bound.probability
     image = image_hw(image_shape)
     sizes = [rows * cols for rows, cols in crop.offset_ranges(image)]
     if len(crop.sizes) == 1 and patch.is_rectangle:

@@ -58,8 +58,15 @@ PIXEL_RANGE = 255.0  # the most one pixel value can change (uint8 images)
 
 
 @functools.lru_cache(maxsize=32)
-def _p_star(image: tuple[int, int], crop: CropSpec, patch: Patch) -> float:
-    return inclusion_probability(image, crop, patch)
+def _p_star(image: tuple[int, int], crop: CropSpec, patch: Patch) -> tuple[float, bool]:
+    """(p*, rounded up; whether it is exact rather than an upper bound): p*_k for
+    ``patch.count`` = k > 1 (:func:`patchdp.coverage.union_inclusion`)."""
+    if patch.count == 1:
+        return inclusion_probability(image, crop, patch), True
+    from patchdp.coverage import union_inclusion
+
+    bound = union_inclusion(image, crop, patch)
+    return bound.probability, bound.exact
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,7 +84,8 @@ class DPSGD:
         whole images (then p* = 1: no amplification).
       image_shape: (H, W) or (H, W, C) of the training images; needed for patch-level
         and Gaussian-augmentation accounting (C for the latter) and checked against the crop.
-      patch: the protected region (:class:`~patchdp.Patch`); needed for ``"patch"`` and
+      patch: the protected region (:class:`~patchdp.Patch`; ``patch.count`` = k protects
+        up to k patches of its shape per image); needed for ``"patch"`` and
         ``"gaussian_augmentation"`` accounting.
       accounting: one of :data:`ACCOUNTINGS` (default ``"patch"``).
       augmentation_noise: σ_aug, pixel noise std (units of 0–255) added to every sampled
@@ -85,8 +93,9 @@ class DPSGD:
       clipping: one of :data:`CLIPPING` (all exact; ``"auto"`` is the fastest).
       resolution: the accountant's PLD grid spacing (nats).
 
-    Derived (read-only): ``relation``, ``inclusion_probability`` (p*, or None without a
-    patch), ``sampling_rate`` (q), ``effective_sampling_rate`` (w), ``expected_batch_size``.
+    Derived (read-only): ``relation``, ``inclusion_probability`` (p*, p*_k for k patches,
+    or None without a patch), ``inclusion_exact`` (False where p*_k is an upper bound),
+    ``sampling_rate`` (q), ``effective_sampling_rate`` (w), ``expected_batch_size``.
     """
 
     sampling: Sampling
@@ -102,6 +111,7 @@ class DPSGD:
     resolution: float = queries.DEFAULT_RESOLUTION
     relation: Relation = dataclasses.field(init=False, repr=False, compare=False)
     inclusion_probability: float | None = dataclasses.field(init=False, repr=False, compare=False)
+    inclusion_exact: bool | None = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -137,10 +147,11 @@ class DPSGD:
             set_("image_shape", image_hw(shape) + tuple(_validation.integer("image channels", c) for c in shape[2:]))
             if self.crop is not None:
                 self.crop.offset_ranges(self.image_shape)  # the crop must fit the padded image
-        p_star = None
+        p_star, exact = None, None
         if self.patch is not None and self.image_shape is not None:
-            p_star = 1.0 if self.crop is None else _p_star(self.image_shape[:2], self.crop, self.patch)
+            p_star, exact = (1.0, True) if self.crop is None else _p_star(self.image_shape[:2], self.crop, self.patch)
         set_("inclusion_probability", p_star)
+        set_("inclusion_exact", exact)
         set_("relation", self._relation())
         self.relation.effective_sampling_rate(self.sampling)  # e.g. add/remove needs Poisson sampling
 
@@ -151,7 +162,8 @@ class DPSGD:
             if len(self.image_shape) != 3:
                 raise ValueError("DPSGD: Gaussian-augmentation accounting needs image_shape (H, W, C): the patch's "
                                  "L2 sensitivity counts channels.")
-            sensitivity = math.sqrt(self.patch.area * self.image_shape[2]) * PIXEL_RANGE
+            # k patches change at most k · area pixels
+            sensitivity = math.sqrt(self.patch.count * self.patch.area * self.image_shape[2]) * PIXEL_RANGE
             return GaussianAugmentation(self.augmentation_noise, sensitivity)
         return AddRemove() if self.accounting == "add_remove" else ImageLevel()
 
@@ -262,6 +274,9 @@ class DPSGD:
         """Each entry (``"crop.padding 0 → 4"``) in which this mechanism differs from the
         ``saved`` one (a :meth:`to_dict`), except the top-level keys in ``ignore``."""
         now, before = _flat(json.loads(json.dumps(self.to_dict()))), _flat(saved if isinstance(saved, dict) else {})
+        for flat in (now, before):  # a saved patch without a count is one patch (Patch.to_dict)
+            if "patch.mask" in flat:
+                flat.setdefault("patch.count", 1)
         keys = [k for k in dict.fromkeys([*before, *now]) if k.split(".")[0] not in ignore]
         return [f"{key} {before.get(key)!r} → {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)]
 

@@ -14,10 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def inclusion_heatmap(p_map: np.ndarray, path, *, title: str = "") -> Path:
-    """Heatmap of p(t) over patch placements (rows × columns of the unpadded image)."""
+def inclusion_heatmap(p_map: np.ndarray, path, *, title: str = "",
+                      placements: Sequence[tuple[int, int]] = (), patch_shape: tuple[int, int] = (1, 1)) -> Path:
+    """Heatmap of p(t) over patch placements (rows × columns of the unpadded image); the
+    ``placements`` (row, column) of several patches, e.g. the worst case of
+    ``patchdp.coverage.union_inclusion``, are outlined as ``patch_shape`` boxes."""
     fig, ax = plt.subplots(figsize=(6.4, 1.0 + 5 * min(p_map.shape[0] / max(p_map.shape[1], 1), 1.5)))
     image = ax.imshow(p_map, cmap="magma", vmin=0, interpolation="nearest")
+    for row, col in placements if len(placements) > 1 else ():
+        ax.add_patch(matplotlib.patches.Rectangle((col - 0.5, row - 0.5), patch_shape[1], patch_shape[0],
+                                                  fill=False, edgecolor="cyan", linewidth=1.5))
     fig.colorbar(image, ax=ax, label="inclusion probability p(t)", shrink=0.8)
     ax.set_xlabel("patch column b (px)")
     ax.set_ylabel("patch row a (px)")

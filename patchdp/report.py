@@ -58,7 +58,9 @@ def privacy_comparison(ledger: Ledger) -> dict:
     compared relation (:data:`LABELS`): the ledger's own accounting is its ε, the others
     replay the same runs (:meth:`~patchdp.accounting.Ledger.replay`).
 
-    Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w of the
+    Keys: protected (what the patch relation protects, in words), inclusion_probability (p*,
+    p*_k for k patches), inclusion_probability_is ("exact" or "upper bound"; p* is never
+    below the truth), sampling_rate (q), effective_sampling_rate (w of the
     mechanism's own accounting), noise_runs ([[z, count], ...]), noise_multiplier (z, or
     None when it changed), steps, delta, epsilon_patch, epsilon_image, epsilon_ratio
     (image / patch), epsilon_add_remove; for a Gaussian-augmentation mechanism also
@@ -68,7 +70,10 @@ def privacy_comparison(ledger: Ledger) -> dict:
     """
     m = ledger.mechanism
     runs = [list(run) for run in ledger.runs]
-    privacy = {"inclusion_probability": m.inclusion_probability, "sampling_rate": m.sampling_rate,
+    privacy = {"protected": None if m.patch is None else m.patch.describe(),
+               "inclusion_probability": m.inclusion_probability,
+               "inclusion_probability_is": None if m.inclusion_exact is None else inclusion_kind(m.inclusion_exact),
+               "sampling_rate": m.sampling_rate,
                "effective_sampling_rate": m.effective_sampling_rate, "noise_runs": runs,
                "noise_multiplier": runs[0][0] if len(runs) == 1 else None, "steps": ledger.steps,
                "delta": ledger.delta}
@@ -87,6 +92,11 @@ def privacy_comparison(ledger: Ledger) -> dict:
         privacy["delta_overflow"] = ledger.steps * m.sampling.overflow_probability
     _ratio(privacy, "epsilon_ratio", "epsilon_image", "epsilon_patch")
     return strict(privacy)
+
+
+def inclusion_kind(exact: bool) -> str:
+    """How p* was obtained, in the words of the reports: "exact" or "upper bound"."""
+    return "exact" if exact else "upper bound"
 
 
 def noise_comparison(mechanism: DPSGD, target_epsilon: float, steps: int) -> dict:
@@ -117,7 +127,9 @@ def privacy_rows(privacy: dict, same_epsilon: dict | None = None, *, how: str = 
     ``how`` says where the noise multiplier came from (e.g. ", calibrated by ...")."""
     p = privacy
     rows = [("noise multiplier z", f"{noise_runs_text(p)}  (noise std = z · clip norm{how})"),
-            ("p* (a crop hits the patch)", shown(p, "inclusion_probability", ".6g")),
+            ("protected", p.get("protected") or "no patch: image level only"),
+            ("p* (a crop hits the patch)", shown(p, "inclusion_probability", ".6g")
+             + (f"  ({p['inclusion_probability_is']})" if p.get("inclusion_probability_is") else "")),
             ("q (sampling rate)", f"{p['sampling_rate']:.6g}"),
             ("w (effective sampling rate)", f"{p['effective_sampling_rate']:.6g}"),
             (LABELS["epsilon_patch"], shown(p, "epsilon_patch", ".4f")),

@@ -412,9 +412,10 @@ def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict],
         run_dir / "predictions.png", class_names=eval_set.class_names)
     m = plan.mechanism
     title = f"p(t): {m.patch.name}, crops {m.crop.sizes[0][0]}x{m.crop.sizes[0][1]}"
+    p_star = "p*" if m.patch.count == 1 else f"p*_{m.patch.count}"
     figures["inclusion probability p(t)"] = plots.inclusion_heatmap(
         inclusion_map(m.image_shape, m.crop, m.patch), run_dir / "inclusion.png",
-        title=f"{title}, padding {m.crop.padding}; p* = {m.inclusion_probability:.4g}")
+        title=f"{title}, padding {m.crop.padding}; {p_star} = {m.inclusion_probability:.4g}")
     write_atomic(run_dir / "report.json", json.dumps(result, indent=1, allow_nan=False))
     counted = "pixels" if eval_set.task == "segmentation" else "images"
     lines = ["", f"## Per class (final evaluation; {counted} labelled as / predicted as the class)", "",
