@@ -231,21 +231,18 @@ def make_canaries(dataset, mechanism: DPSGD, count: int, key: jax.Array, *, plac
     if free < count:
         raise ValueError(f"only {free} colours are unused by the training images; m = {count} canaries need "
                          "one each.")
-    # the k-th unused colour, for `count` distinct k drawn uniformly
-    ranks = np.sort(np.asarray(jax.random.choice(colour, free, (count,), replace=False)))
-    colours = _kth_unused(used, ranks)
-    order = np.asarray(jax.random.permutation(colour, count))
+    # the k-th unused colour for `count` distinct k, uniformly (numpy: O(m), not a permutation of 2^24)
+    ranks = np.random.default_rng(np.asarray(jax.random.key_data(colour))).choice(free, count, replace=False)
     return Canaries(indices=np.asarray(jax.random.choice(pick, n, (count,), replace=False)),
                     included=np.asarray(jax.random.bernoulli(coins, 0.5, (count,))),
-                    colours=colours[order].astype(np.int64), rows=rows, cols=cols,
+                    colours=_kth_unused(used, np.asarray(ranks)), rows=rows, cols=cols,
                     hit_probability=p[rows, cols], patch=mechanism.patch)
 
 
 def _kth_unused(used: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """For sorted distinct ``used`` and ``ranks`` (0-based), the ranks-th integers ≥ 0 not in ``used``."""
-    below = np.arange(used.size)
-    gaps = used - below  # unused integers below used[j]
-    return ranks + np.searchsorted(gaps, ranks, side="right")
+    gaps = used - np.arange(used.size)  # how many unused integers lie below used[j]
+    return (ranks + np.searchsorted(gaps, ranks, side="right")).astype(np.int64)
 
 
 def _detector(canaries: Canaries):
