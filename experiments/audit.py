@@ -169,6 +169,9 @@ def one_run(seeds: int, other_seeds: int, runs: int, quick: bool, output_dir: Pa
     from patchdp.trainer import make_plan
 
     start = time.perf_counter()
+    # the honest runs of one crop differ only in seeds and keys: one compilation, reused from this cache
+    jax.config.update("jax_compilation_cache_dir", str(output_dir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     base = Config.from_toml(config_path("demo"), QUICK if quick else {"model_options": {"width": AUDIT_WIDTH}})
     crops = (8,) if quick else ONE_RUN_CROPS
     broken = {"noise off": BROKEN["noise off"]} if quick else BROKEN
@@ -228,7 +231,7 @@ def main(argv):
     parser.add_argument("--one-run", action="store_true", help="audit real training runs, one run each")
     parser.add_argument("--seeds", type=int, default=20, help="--one-run: honest runs at the demo crop 16 "
                         "(default %(default)s)")
-    parser.add_argument("--other-seeds", type=int, default=5, help="--one-run: honest runs at crops 24 and 32 "
+    parser.add_argument("--other-seeds", type=int, default=3, help="--one-run: honest runs at crops 24 and 32 "
                         "(default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few seconds' version (for the tests)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where to write (default {RESULTS})")
