@@ -345,12 +345,18 @@ def cmd_audit(args) -> None:
     result = {"epsilon_audited": r.bound.epsilon, "confidence": r.bound.confidence,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image,
               "inclusion_probability": r.inclusion_probability, "runs_per_world": args.runs, "flagged": r.flagged}
-    rows = [("p*", f"{r.inclusion_probability:.6g}"), ("runs per world", f"{args.runs}"),
-            (f"ε audited ({r.bound.confidence:.0%} lower bound)", f"{r.bound.epsilon:.4f}"),
-            ("ε patch-level (accounted)", f"{r.epsilon_patch:.4f}"), ("ε image-level", f"{r.epsilon_image:.4f}"),
-            ("verdict", "FLAGGED: leaks more than accounted" if r.flagged else "consistent with the accounting")]
-    _print(result, rows, args.json)
-    if r.flagged:
+    _print_audit(result, [("p*", f"{r.inclusion_probability:.6g}"), ("runs per world", f"{args.runs}")], args.json)
+
+
+def _print_audit(result: dict, rows: list[tuple[str, str]], as_json: bool) -> None:
+    """An audit's ``result`` (JSON) or ``rows`` + bound, claims and verdict; exit 1 if flagged."""
+    rows = rows + [(f"ε audited ({result['confidence']:.0%} lower bound)", f"{result['epsilon_audited']:.4f}"),
+                   ("ε patch-level (accounted)", f"{result['epsilon_patch']:.4f}"),
+                   ("ε image-level", f"{result['epsilon_image']:.4f}"),
+                   ("verdict", "FLAGGED: leaks more than accounted" if result["flagged"]
+                    else "consistent with the accounting")]
+    _print(result, rows, as_json)
+    if result["flagged"]:
         raise SystemExit(1)
 
 
@@ -365,15 +371,10 @@ def _audit_one_run(args) -> None:
               "guesses_out": b.guesses_out, "correct": b.correct, "canaries": b.canaries, "tried": b.tried,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image, "delta": r.delta, "steps": r.steps,
               "inclusion_probability": r.inclusion_probability, "placement": r.placement, "flagged": r.flagged}
-    rows = [("p*", f"{r.inclusion_probability:.6g}"), ("steps, δ", f"{r.steps}, {r.delta:g}"),
-            ("canaries", f"{b.canaries} ({r.placement} placement)"),
-            ("best guess", f"{b.correct} of {b.guesses_in + b.guesses_out} right (score {b.score!r}, {b.tried} tried)"),
-            (f"ε audited ({b.confidence:.0%} lower bound)", f"{b.epsilon:.4f}"),
-            ("ε patch-level (accounted)", f"{r.epsilon_patch:.4f}"), ("ε image-level", f"{r.epsilon_image:.4f}"),
-            ("verdict", "FLAGGED: leaks more than accounted" if r.flagged else "consistent with the accounting")]
-    _print(result, rows, args.json)
-    if r.flagged:
-        raise SystemExit(1)
+    _print_audit(result, [("p*", f"{r.inclusion_probability:.6g}"), ("steps, δ", f"{r.steps}, {r.delta:g}"),
+                          ("canaries", f"{b.canaries} ({r.placement} placement)"),
+                          ("best guess", f"{b.correct} of {b.guesses_in + b.guesses_out} right (score {b.score!r}, "
+                                         f"{b.tried} tried)")], args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
