@@ -116,8 +116,8 @@ def test_audit_quick_writes_the_multi_run_table(tmp_path):
 
 
 def test_audit_one_run_quick_flags_the_noise_free_step_and_not_the_honest_one(tmp_path):
-    """Quick: 30 steps, 256 canaries, claim ε = 1. The noise-free step is flagged with a
-    wide margin (about 115 hit canaries give ≥ 2.2, test_audit_one_run); the honest
+    """Quick: 30 steps, 512 canaries (every image), claim ε = 1. The noise-free step is
+    flagged with a wide margin (~230 canaries hit, 102 perfect guesses give ≈ 2.7); the honest
     run's bound is expected near 0 (it exceeds the claim with probability ≤ 5%, and
     the seeds are fixed, so this test is deterministic)."""
     _experiment("audit").main(["--one-run", "--quick", "--output-dir", str(tmp_path)])
