@@ -41,7 +41,8 @@ noise for ε = 2, m = 1024 canaries; one honest run and one with the crop that a
 contains the patch (audit_one_run_full_batch.{csv,json}).
 
 ``--quick``: a few seconds' version for the tests (fewer runs; one run: 32×32 scenes,
-512 images, 30 steps, crop 8, one seed, noise off as the only broken step).
+512 images, 30 steps, crop 8, one honest seed, no broken step: tests/test_audit_one_run.py
+runs the noise-free one).
 A honest row whose lower bound exceeds its accounted ε is a bug (or a 5% event): the
 script exits non-zero.
 """
@@ -193,7 +194,7 @@ def one_run(seeds: int, other_seeds: int, runs: int, quick: bool, output_dir: Pa
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     base = Config.from_toml(config_path("demo"), QUICK if quick else {"model_options": {"width": AUDIT_WIDTH}})
     crops = (8,) if quick else ONE_RUN_CROPS
-    broken = {"noise off": BROKEN["noise off"]} if quick else BROKEN
+    broken = {} if quick else BROKEN
     size = base.dataset_options.get("image_size", 64)
     rows = []
 

@@ -115,17 +115,16 @@ def test_audit_quick_writes_the_multi_run_table(tmp_path):
     assert all(r["runs_per_world"] == 1000 for r in rows) and (tmp_path / "audit.png").stat().st_size > 10_000
 
 
-def test_audit_one_run_quick_flags_the_noise_free_step_and_not_the_honest_one(tmp_path):
-    """Quick: 30 steps, 512 canaries (every image), claim ε = 1. The noise-free step is
-    flagged with a wide margin (~230 canaries hit, 102 perfect guesses give ≈ 2.7); the honest
-    run's bound is expected near 0 (it exceeds the claim with probability ≤ 5%, and
-    the seeds are fixed, so this test is deterministic)."""
+def test_audit_one_run_quick_writes_an_honest_row_below_its_claim(tmp_path):
+    """Quick: 30 steps, 512 canaries, claim ε = 1. The honest bound exceeds the claim with
+    probability ≤ 5%; keys and seeds are fixed, so the test is deterministic, and the
+    bound is near 0 (0.03 here: a one-run audit of ε = 1 with 512 canaries is weak)."""
     _experiment("audit").main(["--one-run", "--quick", "--output-dir", str(tmp_path)])
-    rows = {r["mechanism"]: r for r in json.loads((tmp_path / "audit_one_run.json").read_text())
-            if r["kind"] == "one run"}
-    assert rows["noise off"]["flagged"] and rows["noise off"]["epsilon_audited"] > 2
-    assert not rows["honest"]["flagged"] and rows["honest"]["epsilon_audited"] < 0.5
-    assert rows["honest"]["epsilon_patch"] == pytest.approx(1.0, abs=0.01) < rows["honest"]["epsilon_image"]
+    rows = json.loads((tmp_path / "audit_one_run.json").read_text())
+    assert [(r["kind"], r["mechanism"]) for r in rows] == [("multi-run (one step)", "honest"), ("one run", "honest")]
+    honest = rows[1]
+    assert not honest["flagged"] and honest["epsilon_audited"] < 0.5 and honest["canaries"] == 512
+    assert honest["epsilon_patch"] == pytest.approx(1.0, abs=0.01) and honest["epsilon_image"] > 3
     assert (tmp_path / "audit_one_run.png").stat().st_size > 10_000 and (tmp_path / "audit_one_run.csv").exists()
 
 
