@@ -48,6 +48,7 @@ script exits non-zero.
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -183,41 +184,51 @@ def full_batch(output_dir: Path) -> list[dict]:
     return rows[:1]
 
 
-def one_run(seeds: int, other_seeds: int, runs: int, quick: bool, output_dir: Path) -> list[dict]:
-    """The one-run audits of the module docstring; writes audit_one_run.{png,csv,json}
-    (the CSV and JSON after every crop, so an interrupted sweep leaves what it did)."""
-    from patchdp.trainer import make_plan
+def one_run_tasks(seeds: int, other_seeds: int, quick: bool) -> list[tuple[str, int, int]]:
+    """The runs of the crop sweep as (mechanism, crop, seed), the cheap and decisive first."""
+    if quick:
+        return [("multi-run", 8, 8), ("honest", 8, 0)]
+    first, others = ONE_RUN_CROPS[0], ONE_RUN_CROPS[1:]
+    return ([("noise off", first, 100), ("noise z/4", first, 101)]
+            + [("honest", first, s) for s in range(seeds)] + [("multi-run", c, c) for c in ONE_RUN_CROPS]
+            + [("honest", c, s) for s in range(other_seeds) for c in others]
+            + [("honest, demo width 8", first, 0), ("crop contains patch", first, 102)])
 
-    start = time.perf_counter()
+
+def one_run_task(task: tuple[str, int, int], quick: bool, runs: int) -> dict:
+    name, crop, seed = task
+    config = Config.from_toml(config_path("demo"), QUICK if quick else {"model_options": {"width": AUDIT_WIDTH}})
+    if name == "multi-run":
+        from patchdp.trainer import make_plan
+        size = config.dataset_options.get("image_size", 64)
+        return multi_run_row(crop, make_plan(config.replace(crop=crop), _size(config), (size, size, 3)).mechanism,
+                             runs, seed)
+    if name == "honest, demo width 8":
+        config = config.replace(model_options={"width": DEMO_WIDTH})
+    return one_run_row(config, crop, name, seed, running=BROKEN.get(name))
+
+
+def one_run(seeds: int, other_seeds: int, runs: int, quick: bool, output_dir: Path, shard: str) -> list[dict]:
+    """The crop sweep of the module docstring, each run written to its own file under
+    ``one_run_rows/`` (a finished run is not repeated; ``--shard i/n`` runs every n-th, so
+    several processes can share the sweep); then every finished row goes to
+    audit_one_run.{csv,json,png}."""
     # the honest runs of one crop differ only in seeds and keys: one compilation, reused from this cache
     jax.config.update("jax_compilation_cache_dir", str(output_dir / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    base = Config.from_toml(config_path("demo"), QUICK if quick else {"model_options": {"width": AUDIT_WIDTH}})
-    crops = (8,) if quick else ONE_RUN_CROPS
-    broken = {} if quick else BROKEN
-    size = base.dataset_options.get("image_size", 64)
-    rows = []
-
-    def write():
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        total = time.perf_counter() - start
-        return write_rows("audit_one_run", [{**{key: row.get(key) for key in fields}, "total_seconds": total}
-                                            for row in rows], output_dir)
-
-    for crop in crops:
-        config = base.replace(crop=crop)
-        plan = make_plan(config, _size(config), (size, size, 3))
-        if crop == crops[0]:  # the demo's crop: the broken steps, one run each, and the demo's own model
-            rows += [one_run_row(config, crop, name, 100 + i, running=f) for i, (name, f) in enumerate(broken.items())]
-            if not quick:
-                rows.append(one_run_row(config.replace(model_options={"width": DEMO_WIDTH}), crop,
-                                        "honest, demo width 8", 0))
-        rows.append(multi_run_row(crop, plan.mechanism, runs, crop))
-        rows += [one_run_row(config, crop, "honest", seed)
-                 for seed in range(seeds if crop == crops[0] else other_seeds)]
-        path = write()
-    _plot_one_run(rows, crops, output_dir)
-    print(f"wrote {path}  ({time.perf_counter() - start:.0f} s)")
+    index, count = (int(x) for x in shard.split("/"))
+    folder = output_dir / "one_run_rows"
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = one_run_tasks(seeds, other_seeds, quick)
+    for task in tasks[index::count]:
+        path = folder / ("{}-crop{}-seed{}.json".format(*task).replace(" ", "_").replace("/", "_"))
+        if not path.exists():
+            path.write_text(json.dumps(one_run_task(task, quick, runs)))
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    crops = sorted({r["crop"] for r in rows if r["mechanism"] == "honest" and r["kind"] == "one run"})
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    path = write_rows("audit_one_run", [{key: row.get(key) for key in fields} for row in rows], output_dir)
+    print(f"wrote {path} and {_plot_one_run(rows, crops, output_dir)}")
     for crop in crops:
         audited = [r["epsilon_audited"] for r in rows if r["mechanism"] == "honest" and r["crop"] == crop
                    and r["kind"] == "one run"]
@@ -253,6 +264,8 @@ def main(argv):
                         "(default %(default)s)")
     parser.add_argument("--other-seeds", type=int, default=3, help="--one-run: honest runs at crops 24 and 32 "
                         "(default %(default)s)")
+    parser.add_argument("--shard", default="0/1", help="--one-run: run every n-th run of the sweep, from the "
+                        "i-th: i/n (default %(default)s); processes with i = 0 … n−1 share it")
     parser.add_argument("--part", choices=("crops", "full-batch", "all"), default="all",
                         help="--one-run: the crop sweep, the full-batch setting, or both (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few seconds' version (for the tests)")
@@ -263,7 +276,7 @@ def main(argv):
     if args.one_run:
         honest = []
         if args.part in ("crops", "all"):
-            honest += one_run(1 if args.quick else args.seeds, args.other_seeds, runs, args.quick, args.output_dir)
+            honest += one_run(args.seeds, args.other_seeds, runs, args.quick, args.output_dir, args.shard)
         if args.part in ("full-batch", "all") and not args.quick:
             honest += full_batch(args.output_dir)
     else:

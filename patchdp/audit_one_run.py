@@ -218,9 +218,10 @@ def make_canaries(dataset, mechanism: DPSGD, count: int, key: jax.Array, *, plac
     if placement not in ("worst", "random"):
         raise ValueError(f"placement must be 'worst' or 'random', got {placement!r}.")
     pick, coins, place = jax.random.split(key, 3)
-    p = inclusion_map(shape[:2], mechanism.crop, mechanism.patch) if mechanism.crop is not None else None
-    if p is None:
+    if mechanism.crop is None:  # whole images: every placement is seen
         p = np.ones((shape[0] - mechanism.patch.shape[0] + 1, shape[1] - mechanism.patch.shape[1] + 1))
+    else:
+        p = inclusion_map(shape[:2], mechanism.crop, mechanism.patch)
     if placement == "worst":
         flat = np.full(count, int(np.argmax(p)))
     else:
@@ -278,7 +279,7 @@ def canary_loss(loss_fn, canaries: Canaries, mechanism: DPSGD):
     return loss
 
 
-def with_canary_head(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+def _with_canary_head(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """``optimizer`` for ``params["model"]``, SGD at learning rate 1 for ``params["canary"]``."""
     return optax.multi_transform({"model": optimizer, "canary": optax.sgd(1.0)},
                                  {"model": "model", "canary": "canary"})
@@ -361,7 +362,7 @@ def audit_run(config, *, canaries: int = 2000, key: jax.Array, placement: str = 
     running = claimed if running is None else running(claimed)
     marks = make_canaries(train_set, claimed, canaries, key, placement=placement)
     model = get_model(config.model, train_set.num_classes, **config.model_options)
-    optimizer = with_canary_head(make_optimizer(config))
+    optimizer = _with_canary_head(make_optimizer(config))
     step = make_train_step(canary_loss(make_loss(model, train_set.task, config.input_normalization), marks, running),
                            optimizer, running, flip=config.flip, label_fill=IGNORE_LABEL,
                            microbatch_size=config.microbatch_size)
