@@ -220,7 +220,7 @@ def one_run(seeds: int, other_seeds: int, runs: int, quick: bool, output_dir: Pa
     folder = output_dir / "one_run_rows"
     folder.mkdir(parents=True, exist_ok=True)
     tasks = one_run_tasks(seeds, other_seeds, quick)
-    for task in tasks[index::count]:
+    for task in tasks[index::count] if count else ():
         path = folder / ("{}-crop{}-seed{}.json".format(*task).replace(" ", "_").replace("/", "_"))
         if not path.exists():
             path.write_text(json.dumps(one_run_task(task, quick, runs)))
@@ -265,7 +265,8 @@ def main(argv):
     parser.add_argument("--other-seeds", type=int, default=3, help="--one-run: honest runs at crops 24 and 32 "
                         "(default %(default)s)")
     parser.add_argument("--shard", default="0/1", help="--one-run: run every n-th run of the sweep, from the "
-                        "i-th: i/n (default %(default)s); processes with i = 0 … n−1 share it")
+                        "i-th: i/n (default %(default)s); processes with i = 0 … n−1 share it; 0/0 runs none "
+                        "and only gathers the finished rows")
     parser.add_argument("--part", choices=("crops", "full-batch", "all"), default="all",
                         help="--one-run: the crop sweep, the full-batch setting, or both (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few seconds' version (for the tests)")
