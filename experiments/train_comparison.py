@@ -24,7 +24,8 @@ reproducible and not secure.
 Writes ``train_comparison[_CONFIG].{csv,json,png}`` into ``--output-dir`` (default
 ``experiments/results/``); each run's directory (report, plots, checkpoints) goes to
 ``<output-dir>/train_comparison_runs/``. An interrupted sweep continues where it stopped:
-finished runs are read back, unfinished ones resume.
+finished runs are read back, unfinished ones resume. ``--quick`` (seconds, for the
+tests): one ε (2), one seed, 2 steps of a width-1 U-Net on 256 scenes of 32×32.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from patchdp.trainer import train  # noqa: E402
 
 ACCOUNTINGS = ("patch", "image")
 PAPER_EPSILONS = (1, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)  # figure H's target ε grid
+QUICK = {"steps": 2, "batch_size": 16, "model_options": {"width": 1}, "eval_examples": 16,
+         "dataset_options": {"num_examples": 256, "image_size": 32}}
 
 
 def run(config: Config, output_dir: Path, epsilon: float, accounting: str, seed: int) -> dict:
@@ -83,15 +86,20 @@ def main(argv=None) -> None:
     parser.add_argument("--augmentation-noise", type=float, metavar="SIGMA",
                         help="add the Gaussian-augmentation arm with pixel noise std SIGMA (units 0–255)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where to write (default {RESULTS})")
+    parser.add_argument("--quick", action="store_true", help="a few seconds' version (for the tests)")
     args = parser.parse_args(argv)
     if args.paper_grid:
         args.epsilons = [float(e) for e in PAPER_EPSILONS]
+    if args.quick:
+        args.epsilons, args.seeds = [2.0], [0]
     out = args.output_dir
 
     # Runs that share a noise multiplier (the seeds of one arm) share one compilation.
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    overrides = {"steps": args.steps} if args.steps else {}
+    overrides = dict(QUICK) if args.quick else {}
+    if args.steps:
+        overrides["steps"] = args.steps
     if args.augmentation_noise is not None:
         overrides["augmentation_noise"] = args.augmentation_noise
     config = Config.from_toml(config_path(args.config), overrides)
@@ -109,7 +117,7 @@ def main(argv=None) -> None:
     name = "train_comparison" if args.config == "demo" else f"train_comparison_{config.name}"
     csv = write_rows(name, rows, out)
     label = {"patch": "noise calibrated patch-level (w = q·p*)", "image": "noise calibrated image-level (w = q)",
-             "gaussian_augmentation": f"Gaussian augmentation σ_aug = {args.augmentation_noise:g} (w = q·TV)"}
+             "gaussian_augmentation": f"Gaussian augmentation σ_aug = {args.augmentation_noise} (w = q·TV)"}
     curves = {label[a]: (args.epsilons, [summary[a, e][0] for e in args.epsilons]) for a in arms}
     errors = {label[a]: [summary[a, e][1] for e in args.epsilons] for a in arms}
     png = plots.line_plot(curves, out / f"{name}.png", xlabel=f"target ε (δ = {rows[0]['delta']:g})",

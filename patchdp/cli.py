@@ -7,7 +7,8 @@
     patchdp demo       train the small U-Net on the embedded synthetic scenes, print the numbers
     patchdp export     a shareable model from a run directory (parameters, no secrets)
     patchdp data       prepare a dataset (`data prepare NAME`), or say what to download by hand
-    patchdp audit      an empirical lower bound on ε from the real private step (exit 1 if it beats the claim)
+    patchdp audit      an empirical lower bound on ε from the real private step (exit 1 if it beats the claim);
+                       --one-run CONFIG: from one whole training run with patch canaries
 
 Every bad input exits with status 2 and one line on stderr saying what is wrong and how
 to fix it. ``--json`` prints one JSON object instead of the table.
@@ -415,15 +416,25 @@ def _add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=20_000, help="runs with and without the canary (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the audit's runs (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("one run", "audit a whole training run once (patchdp.audit_one_run); the "
+                             "one-step options above do not apply, --seed keys the canaries")
+    g.add_argument("--one-run", metavar="CONFIG", help="a config file or shipped config name to train once "
+                   "with patch canaries")
+    g.add_argument("--canaries", type=int, default=2000, help="m, canary images (default %(default)s)")
+    g.add_argument("--placement", choices=("worst", "random"), default="worst",
+                   help="canaries at the worst-case placement t* or at random ones (default %(default)s)")
 
 
 def cmd_audit(args) -> None:
-    """Audits one real DP-SGD step with a canary patch (patchdp.audit): a 95% lower bound on
-    ε next to the accounted patch- and image-level ε; exits 1 if the bound exceeds the claim."""
+    """Audits one real DP-SGD step with a canary patch (patchdp.audit), or with --one-run a
+    whole training run (patchdp.audit_one_run): a 95% lower bound on ε next to the
+    accounted patch- and image-level ε; exits 1 if the bound exceeds the claim."""
     import jax
     from patchdp.audit import audit
     from patchdp.sampling import SamplingSeed
 
+    if args.one_run:
+        return _audit_one_run(args)
     mechanism = DPSGD(sampling=FixedSizeSampling(dataset_size=args.dataset_size, batch_size=args.batch_size),
                       clip_norm=1.0, noise_multiplier=args.noise, delta=args.delta,
                       crop=CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
@@ -434,13 +445,36 @@ def cmd_audit(args) -> None:
     result = {"epsilon_audited": r.bound.epsilon, "confidence": r.bound.confidence,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image,
               "inclusion_probability": r.inclusion_probability, "runs_per_world": args.runs, "flagged": r.flagged}
-    rows = [("p*", f"{r.inclusion_probability:.6g}"), ("runs per world", f"{args.runs}"),
-            (f"ε audited ({r.bound.confidence:.0%} lower bound)", f"{r.bound.epsilon:.4f}"),
-            ("ε patch-level (accounted)", f"{r.epsilon_patch:.4f}"), ("ε image-level", f"{r.epsilon_image:.4f}"),
-            ("verdict", "FLAGGED: leaks more than accounted" if r.flagged else "consistent with the accounting")]
-    _print(result, rows, args.json)
-    if r.flagged:
+    _print_audit(result, [("p*", f"{r.inclusion_probability:.6g}"), ("runs per world", f"{args.runs}")], args.json)
+
+
+def _print_audit(result: dict, rows: list[tuple[str, str]], as_json: bool) -> None:
+    """An audit's ``result`` (JSON) or ``rows`` + bound, claims and verdict; exit 1 if flagged."""
+    rows = rows + [(f"ε audited ({result['confidence']:.0%} lower bound)", f"{result['epsilon_audited']:.4f}"),
+                   ("ε patch-level (accounted)", f"{result['epsilon_patch']:.4f}"),
+                   ("ε image-level", f"{result['epsilon_image']:.4f}"),
+                   ("verdict", "FLAGGED: leaks more than accounted" if result["flagged"]
+                    else "consistent with the accounting")]
+    _print(result, rows, as_json)
+    if result["flagged"]:
         raise SystemExit(1)
+
+
+def _audit_one_run(args) -> None:
+    import jax
+    from patchdp.audit_one_run import audit_run
+
+    r = audit_run(Config.from_toml(config_path(args.one_run)), canaries=args.canaries, key=jax.random.key(args.seed),
+                  placement=args.placement)
+    b = r.bound
+    result = {"epsilon_audited": b.epsilon, "confidence": b.confidence, "score": b.score, "guesses_in": b.guesses_in,
+              "guesses_out": b.guesses_out, "correct": b.correct, "canaries": b.canaries, "tried": b.tried,
+              "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image, "delta": r.delta, "steps": r.steps,
+              "inclusion_probability": r.inclusion_probability, "placement": r.placement, "flagged": r.flagged}
+    _print_audit(result, [("p*", f"{r.inclusion_probability:.6g}"), ("steps, δ", f"{r.steps}, {r.delta:g}"),
+                          ("canaries", f"{b.canaries} ({r.placement} placement)"),
+                          ("best guess", f"{b.correct} of {b.guesses_in + b.guesses_out} right (score {b.score!r}, "
+                                         f"{b.tried} tried)")], args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,3 +132,11 @@ def test_dev_py_runs_commands_in_the_callers_directory():
     calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
              and getattr(n.func, "attr", "") in ("call", "run", "check_call") and getattr(n.func.value, "id", "") == "subprocess"]
     assert calls and not any(k.arg == "cwd" for call in calls for k in call.keywords)
+
+
+def test_audit_one_run_refuses_grayscale_images_in_one_line(capsys, tmp_path):
+    config = tmp_path / "digits.toml"
+    config.write_text('model = "cnn"\ndataset = "digits"\ncrop = 6\npadding = 2\npatch = "rect:2x2"\n'
+                      'batch_size = 32\nnoise_multiplier = 1.0\nsteps = 2\nseed = 0\n')
+    code, out, err = run(capsys, "audit", "--one-run", str(config), "--canaries", "10")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "needs RGB images" in err

@@ -101,3 +101,36 @@ def test_paper_configs_parse_at_the_paper_settings(name):
     assert config.delta == pytest.approx(1 / size, rel=1e-12) and config.delta <= 1 / size
     plan = make_plan(config.replace(target_epsilon=None, noise_multiplier=1.0), size, shape)
     assert plan.steps == steps and 0 < plan.mechanism.inclusion_probability < 1
+
+
+def _experiment(name):
+    import importlib
+    return importlib.import_module(name)
+
+
+def test_audit_quick_writes_the_multi_run_table(tmp_path):
+    _experiment("audit").main(["--quick", "--output-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "audit.json").read_text())
+    assert [r["mechanism"] for r in rows] == ["honest"] * 4 + ["crop ignored", "half noise"]
+    assert all(r["runs_per_world"] == 1000 for r in rows) and (tmp_path / "audit.png").stat().st_size > 10_000
+
+
+def test_audit_one_run_quick_writes_an_honest_row_below_its_claim(tmp_path):
+    """Quick: 30 steps, 512 canaries, claim ε = 1. The honest bound exceeds the claim with
+    probability ≤ 5%; keys and seeds are fixed, so the test is deterministic, and the
+    bound is near 0 (0.03 here: a one-run audit of ε = 1 with 512 canaries is weak)."""
+    _experiment("audit").main(["--one-run", "--quick", "--output-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "audit_one_run.json").read_text())
+    assert sorted((r["kind"], r["mechanism"]) for r in rows) == [("multi-run (one step)", "honest"),
+                                                                 ("one run", "honest")]
+    honest = next(r for r in rows if r["kind"] == "one run")
+    assert not honest["flagged"] and honest["epsilon_audited"] < 0.5 and honest["canaries"] == 512
+    assert honest["epsilon_patch"] == pytest.approx(1.0, abs=0.01) and honest["epsilon_image"] > 3
+    assert (tmp_path / "audit_one_run.png").stat().st_size > 10_000 and (tmp_path / "audit_one_run.csv").exists()
+
+
+def test_train_comparison_quick(tmp_path):
+    _experiment("train_comparison").main(["--quick", "--output-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "train_comparison.json").read_text())
+    assert [(r["accounting"], r["target_epsilon"], r["steps"]) for r in rows] == [("patch", 2.0, 2), ("image", 2.0, 2)]
+    assert rows[0]["noise_multiplier"] < rows[1]["noise_multiplier"]
