@@ -350,7 +350,9 @@ def audit_run(config, *, canaries: int = 2000, key: jax.Array, placement: str = 
     """
     from patchdp.data import IGNORE_LABEL
     from patchdp.models import get_model
-    from patchdp.trainer import Seeds, load_dataset, make_loss, make_optimizer, make_plan
+    from patchdp.run_dir import Seeds
+    from patchdp.task import load_dataset, make_loss
+    from patchdp.trainer import make_optimizer, make_plan
     from patchdp.training import Batch, TrainState, make_train_step
 
     started = time.perf_counter()

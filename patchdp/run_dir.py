@@ -37,7 +37,7 @@ import socket
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ from patchdp.data import (
 from patchdp.config import Config, config_path
 from patchdp.data.dataset import resize_image
 from patchdp.data.prepare import prepare
-from patchdp.trainer import load_dataset
+from patchdp.task import load_dataset
 from patchdp.data.tfds import CITYSCAPES_TRAIN_IDS, DATASETS, lookup_table
 
 tfds = pytest.importorskip("tensorflow_datasets")
