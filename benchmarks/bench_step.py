@@ -84,10 +84,12 @@ class ResNet18(nn.Module):
         return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def setup(model, image_shape, label_shape, batch_size, classes):
-    """Parameters, a random batch (images and labels) and the per-example loss."""
+def setup(model, image_shape, label_shape, batch_size, classes, init_shape=None):
+    """Parameters, a random batch (images and labels) and the per-example loss. The
+    parameters are initialised on one input of ``init_shape`` (default ``image_shape``;
+    e.g. the crop size when the images are larger than what the model sees)."""
     keys = jax.random.split(jax.random.key(0), 3)
-    params = jax.jit(model.init)(keys[0], jnp.zeros((1,) + image_shape))["params"]
+    params = jax.jit(model.init)(keys[0], jnp.zeros((1,) + (init_shape or image_shape)))["params"]
     batch = Batch(jax.random.normal(keys[1], (batch_size,) + image_shape),
                   jax.random.randint(keys[2], (batch_size,) + label_shape, 0, classes))
     loss = linen_loss(model, optax.softmax_cross_entropy_with_integer_labels)
@@ -141,7 +143,12 @@ def time_arms(name, model, image_shape, label_shape, batch_size, classes, repeat
 def peak_bytes(step, state, batch) -> int:
     """XLA's buffer-assigned peak of the compiled step: arguments + outputs +
     temporaries − donated (aliased) bytes."""
-    stats = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+    return compiled_peak_bytes(step.lower(state, batch, jax.random.key(0)).compile())
+
+
+def compiled_peak_bytes(compiled) -> int:
+    """The buffer-assigned peak of a compiled program (``jit(f).lower(...).compile()``)."""
+    stats = compiled.memory_analysis()
     return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
             - stats.alias_size_in_bytes)
 
