@@ -463,6 +463,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['model']} | {row['arm']} | {shape} | {row['compile_s']:.1f} | "
                      f"{row['step_s_min'] * 1e3:.1f} ({row['step_s_median'] * 1e3:.1f}) | {row['images_per_s']:.1f} | "
                      f"{ratio('time_ratio')} | {row['xla_peak_bytes'] / MiB:.1f} | {ratio('memory_ratio')} | {device} |")
+    described = {row["model"]: row["description"] for row in results["arms"] + results["skipped"]}
+    lines += ["", *(f"- {name}: {description}" for name, description in described.items())]
     for row in results["skipped"]:
         lines.append(f"\nSkipped: {row['model']} / {row['arm']} ({row['reason']}).")
     return "\n".join(lines) + "\n"

@@ -74,6 +74,7 @@ def test_quick_run_passes_its_checks_and_writes_json_and_table(tmp_path):
     assert results["skipped"] == []
     table = (out / "accelerator.md").read_text()
     assert "| model | arm |" in table and table.count("| deeplabv3plus |") == 4 and "| n/a |" in table
+    assert "- deeplabv3plus: stand-in: U-Net width 4, 1 level" in table
 
 
 def test_arms_that_no_longer_fit_the_budget_are_skipped_and_listed():
