@@ -70,15 +70,22 @@ e.g. out of memory, is recorded with its error). Workloads (full / ``--quick``):
 microbatches of 2) and puts few-layer models in place of DeepLabV3+ and ResNet-18
 (named in the table): it checks that the script runs, not how fast anything is.
 
-Arms: non-private (``clip_norm=None``, one batch gradient), DP book-keeping
-(``clipping="auto"``), DP per-example (``"per_example"``, vmap), and DP book-keeping in
+Every step is ``make_train_step`` of a :class:`patchdp.DPSGD` mechanism (fixed-size
+batches of B, the workload's crops and C, z = 1; ``build_step``). Arms: non-private
+(``private=False``: one batch gradient, the denominator of the ratios), DP default
+(book-keeping, ``clipping="auto"``, no ``microbatch_size``: the schedule
+:func:`patchdp.clipping.default_schedule` picks, microbatches of ~8 unrolled on CPU, the
+whole batch with ``lax.scan`` on accelerators unless its memory estimate exceeds half
+the device's memory; the table names the choice), DP book-keeping on the whole batch,
+DP per-example (``"per_example"``, vmap; default schedule), and DP book-keeping in
 microbatches with ``lax.scan`` and unrolled (``unroll=False/True``; ResNet-18 and U-Net:
-microbatches of B/4; DeepLabV3+ always runs in microbatches of 8). Private arms use
-z = 1, all SGD with momentum 0.9. Per arm: compile time (``lower`` + ``compile``,
-autotuning included), the fastest and the median of up to ``--repeats`` steps after one
-warm-up step (stopping early after ``--arm-seconds`` of timed steps), images/s = B / fastest
-step, ratios over the workload's non-private arm, XLA's buffer-assigned peak
-(arguments + outputs + temporaries − donated), and the device allocator's peak
+microbatches of B/4). DeepLabV3+'s whole-batch arms (non-private, DP book-keeping) run
+in its config's microbatches of 8 at the platform's loop. All SGD with momentum 0.9.
+Per arm: compile time (``lower`` + ``compile``, autotuning included), the fastest and
+the median of up to ``--repeats`` steps after one warm-up step (stopping early after
+``--arm-seconds`` of timed steps), images/s = B / fastest step, ratios over the
+workload's non-private arm, XLA's buffer-assigned peak (arguments + outputs +
+temporaries − donated), and the device allocator's peak
 (``memory_stats()["peak_bytes_in_use"]``; n/a on CPU). That peak is the process's running
 maximum, which JAX cannot reset: it is an arm's own peak only when the arm raised it,
 and is reported only then (else "≤ earlier").
@@ -102,11 +109,13 @@ import optax
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from scipy import stats
 
-from bench_step import compiled_peak_bytes, setup
+from bench_step import compiled_peak_bytes
+from patchdp import DPSGD, CropSpec, FixedSizeSampling
+from patchdp.clipping import Schedule, default_schedule, example_bytes
 from patchdp.config import Config, config_path
-from patchdp.inclusion import CropSpec
+from patchdp.crops import crop as crop_views
 from patchdp.models import get_model
-from patchdp.training import TrainState, make_train_step
+from patchdp.training import Batch, TrainState, linen_loss, make_train_step
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 ELEMENTWISE_ERROR = 8 * UNIT_ROUNDOFF  # 4 ulp per elementwise float operation (module docstring)
@@ -126,15 +135,33 @@ ELEMENTWISE = frozenset("""add add_any sub mul div square sqrt rsqrt exp exp2 lo
 erf erf_inv integer_pow pow convert_element_type reduce_precision""".split())
 
 
-def build_step(loss_fn, optimizer, *, private, clip_norm, noise_multiplier, batch_size, crop, clipping,
-               microbatch_size, unroll):
-    """The jitted ``step(state, batch, key) -> (state, metrics)``: the DP-SGD step (clip
-    norm C, noise z·C, divided by the batch size B), or with ``private=False`` the
-    non-private baseline of the same code path (one gradient of the summed loss). The one
+def build_step(loss_fn, optimizer, *, private, clip_norm, noise_multiplier, batch_size, image_shape, crop,
+               clipping, microbatch_size, unroll):
+    """The jitted ``step(state, batch, key) -> (state, metrics)`` of the mechanism with
+    fixed-size batches of B (q = 1: no ε is computed here, so the accounting, image
+    level, and δ = 1e-5 only complete the mechanism; the step does not depend on them):
+    crops ``crop`` (a CropSpec, or None) of images of ``image_shape``, clip norm C,
+    noise z·C (z = 0: none), divided by B; with ``private=False`` the non-private
+    baseline of the same code path (one gradient of the summed loss).
+    ``microbatch_size=None`` takes :func:`patchdp.clipping.default_schedule`. The one
     place this script calls :func:`patchdp.training.make_train_step`."""
-    return make_train_step(loss_fn, optimizer, clip_norm=clip_norm if private else None,
-                           noise_multiplier=noise_multiplier if private else 0.0, expected_batch_size=batch_size,
-                           crop=crop, clipping=clipping, microbatch_size=microbatch_size, unroll=unroll)
+    mechanism = DPSGD(sampling=FixedSizeSampling(batch_size=batch_size, dataset_size=batch_size),
+                      clip_norm=clip_norm, noise_multiplier=noise_multiplier, delta=1e-5, crop=crop,
+                      image_shape=image_shape, accounting="image", clipping=clipping)
+    return make_train_step(loss_fn, optimizer, mechanism, private=private, microbatch_size=microbatch_size,
+                           unroll=unroll)
+
+
+def setup(model, image_shape, label_shape, batch_size, classes, crop):
+    """Parameters (initialised on one input of the size the model sees: the crop's output
+    size, or the image's without ``crop``), a random batch (images and labels) and the
+    per-example loss."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    seen = image_shape if crop is None else crop.output_size + image_shape[2:]
+    params = jax.jit(model.init)(keys[0], jnp.zeros((1,) + seen))["params"]
+    batch = Batch(jax.random.normal(keys[1], (batch_size,) + image_shape),
+                  jax.random.randint(keys[2], (batch_size,) + label_shape, 0, classes))
+    return params, batch, linen_loss(model, optax.softmax_cross_entropy_with_integer_labels)
 
 
 def keep_gradient() -> optax.GradientTransformation:
@@ -235,7 +262,8 @@ def correctness(quick: bool) -> dict:
     size, crop, batch_size, micro, width, levels = (24, 16, 4, 2, 4, 1) if quick else (64, 48, 16, 8, 8, 3)
     clip_norm, z, classes = 0.1, 1.0, 4
     model = get_model("unet", classes, width=width, levels=levels)
-    params, batch, loss = setup(model, (size, size, 3), (size, size), batch_size, classes, init_shape=(crop, crop, 3))
+    spec = CropSpec(crop)
+    params, batch, loss = setup(model, (size, size, 3), (size, size), batch_size, classes, spec)
     cpu, accelerator = jax.devices("cpu")[0], jax.devices()[0]
     key = jax.random.key(3)
 
@@ -246,8 +274,8 @@ def correctness(quick: bool) -> dict:
 
     def build(clipping, noise_multiplier):
         return build_step(loss, keep_gradient(), private=True, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                          batch_size=batch_size, crop=CropSpec(crop), clipping=clipping, microbatch_size=micro,
-                          unroll=None)
+                          batch_size=batch_size, image_shape=(size, size, 3), crop=spec, clipping=clipping,
+                          microbatch_size=micro, unroll=None)
 
     state = TrainState.create(params, keep_gradient())
     checks, grads = [], {}
@@ -290,7 +318,7 @@ class Workload:
       image_shape: (H, W, C) of the stored images; label_shape: () or (H, W).
       classes: output classes (random labels in [0, classes)).
       batch_size: the logical batch B.
-      crop: the side of the random square crops the model sees, or None (whole images).
+      crop: the random crops the model sees, or None (whole images).
       microbatch_size: examples per microbatch of the microbatched arms.
       always_microbatched: every arm in microbatches (the logical batch does not fit at once).
       clip_norm: C.
@@ -303,7 +331,7 @@ class Workload:
     label_shape: tuple[int, ...]
     classes: int
     batch_size: int
-    crop: int | None
+    crop: CropSpec | None
     microbatch_size: int
     always_microbatched: bool
     clip_norm: float
@@ -311,21 +339,28 @@ class Workload:
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One step variant: ``loop`` is None (the whole batch at once), "scan" or "unrolled"."""
+    """One step variant. ``schedule``: "whole" (the whole batch in one pass, or the
+    workload's microbatches where it is always microbatched), "default" (no
+    microbatch_size: :func:`patchdp.clipping.default_schedule` chooses), "scan" or
+    "unrolled" (the workload's microbatches in that loop)."""
 
     label: str
     private: bool
     clipping: str = "auto"
-    loop: str | None = None
+    schedule: str = "whole"
 
 
-NON_PRIVATE, BOOKKEEPING, PER_EXAMPLE = (Arm("non-private", False), Arm("DP book-keeping", True),
-                                         Arm("DP per-example", True, "per_example"))
-SCAN, UNROLLED = Arm("DP book-keeping, scan", True, loop="scan"), Arm("DP book-keeping, unrolled", True, loop="unrolled")
-# Priority order: the paper's setting, the DP / non-private ratios, per-example clipping, loops.
+NON_PRIVATE, DEFAULT, BOOKKEEPING = (Arm("non-private", False), Arm("DP default", True, schedule="default"),
+                                     Arm("DP book-keeping", True))
+PER_EXAMPLE = Arm("DP per-example", True, "per_example", "default")
+SCAN, UNROLLED = Arm("DP book-keeping, scan", True, schedule="scan"), Arm("DP book-keeping, unrolled", True,
+                                                                         schedule="unrolled")
+# Priority order: the paper's setting (its config's microbatches), the DP default / non-private ratios, the
+# default schedule on DeepLabV3+, the whole batch, per-example clipping, loops.
 PLAN = [("deeplabv3plus", NON_PRIVATE), ("deeplabv3plus", BOOKKEEPING), ("resnet18", NON_PRIVATE),
-        ("resnet18", BOOKKEEPING), ("unet", NON_PRIVATE), ("unet", BOOKKEEPING), ("resnet18", PER_EXAMPLE),
-        ("unet", PER_EXAMPLE), ("resnet18", SCAN), ("resnet18", UNROLLED), ("unet", SCAN), ("unet", UNROLLED),
+        ("resnet18", DEFAULT), ("unet", NON_PRIVATE), ("unet", DEFAULT), ("deeplabv3plus", DEFAULT),
+        ("resnet18", BOOKKEEPING), ("unet", BOOKKEEPING), ("resnet18", PER_EXAMPLE), ("unet", PER_EXAMPLE),
+        ("resnet18", SCAN), ("resnet18", UNROLLED), ("unet", SCAN), ("unet", UNROLLED),
         ("deeplabv3plus", PER_EXAMPLE), ("deeplabv3plus", UNROLLED)]
 
 
@@ -337,18 +372,19 @@ def workloads(quick: bool) -> dict[str, Workload]:
     if quick:
         return {w.name: w for w in (
             Workload("deeplabv3plus", "stand-in: U-Net width 4, 1 level; 48x64 images, crops 33",
-                     get_model("unet", 19, width=4, levels=1), (48, 64, 3), (48, 64), 19, 8, 33, 2, True,
+                     get_model("unet", 19, width=4, levels=1), (48, 64, 3), (48, 64), 19, 8, CropSpec(33), 2, True,
                      config.clip_norm),
             Workload("resnet18", "stand-in: 3-conv VGG width 4; 16x16 images", get_model("cnn", 10, width=4),
                      (16, 16, 3), (), 10, 8, None, 2, False, 1.0),
             Workload("unet", "U-Net width 4, 2 levels; 32x32 images", get_model("unet", 4, width=4, levels=2),
                      (32, 32, 3), (32, 32), 4, 8, None, 2, False, 1.0))}
     image_shape, classes = CITYSCAPES
+    crop = config.crop_spec
     return {w.name: w for w in (
         Workload("deeplabv3plus", f"DeepLabV3+ {dict(config.model_options)}; {image_shape[0]}x{image_shape[1]} "
-                                  f"images, crops {config.crop}",
+                                  f"images, crops {crop.output_size[0]}x{crop.output_size[1]}",
                  get_model(config.model, classes, **config.model_options), image_shape, image_shape[:2], classes,
-                 config.batch_size, config.crop, config.microbatch_size, True, config.clip_norm),
+                 config.batch_size, crop, config.microbatch_size, True, config.clip_norm),
         Workload("resnet18", "ResNet-18 (small stem); 32x32 images", get_model("resnet18", 10, stem="small"),
                  (32, 32, 3), (), 10, 256, None, 64, False, 1.0),
         Workload("unet", "U-Net width 16, 3 levels; 128x128 images", get_model("unet", 4), (128, 128, 3),
@@ -360,15 +396,33 @@ def device_memory() -> dict | None:
     return jax.devices()[0].memory_stats()
 
 
+def default_choice(loss_fn, params, batch: Batch, crop: CropSpec | None) -> Schedule:
+    """The schedule :func:`default_schedule` picks for a step built without one, asked
+    as :func:`patchdp.clipping.clipped_grad_sum` asks it (with one crop's memory
+    estimate off the CPU), so that the table can say what the "default" arms ran."""
+    image, label = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in (batch.image, batch.label))
+    views = 1
+    if crop is not None:
+        shapes = jax.eval_shape(lambda i, l: crop_views(crop, jax.random.key(0), i, l), image, label)
+        image, label = (jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for v in shapes)
+        views = crop.crops_per_example
+    estimate = (None if jax.default_backend() == "cpu" else
+                example_bytes(lambda p, view: loss_fn(p, *view), params, (image, label), views))
+    return default_schedule(batch.image.shape[0], example_bytes=estimate)
+
+
 def measure(workload: Workload, data, arm: Arm, repeats: int, arm_seconds: float) -> dict:
     """Compile time, step times, images/s and peak memory of one arm (module docstring)."""
     params, batch, loss = data
     optimizer = optax.sgd(0.01, momentum=0.9)
-    micro = workload.microbatch_size if arm.loop or workload.always_microbatched else None
-    unroll = {None: None, "scan": False, "unrolled": True}[arm.loop]
+    whole = workload.microbatch_size if workload.always_microbatched else workload.batch_size
+    micro = {"whole": whole, "default": None}.get(arm.schedule, workload.microbatch_size)
+    unroll = {"scan": False, "unrolled": True}.get(arm.schedule)
     step = build_step(loss, optimizer, private=arm.private, clip_norm=workload.clip_norm, noise_multiplier=1.0,
-                      batch_size=workload.batch_size, crop=None if workload.crop is None else CropSpec(workload.crop),
+                      batch_size=workload.batch_size, image_shape=workload.image_shape, crop=workload.crop,
                       clipping=arm.clipping, microbatch_size=micro, unroll=unroll)
+    schedule = (default_choice(loss, params, batch, workload.crop) if micro is None else
+                Schedule(micro, jax.default_backend() == "cpu" if unroll is None else unroll, "given"))
     state = TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.key(0)).compile()
@@ -382,8 +436,9 @@ def measure(workload: Workload, data, arm: Arm, repeats: int, arm_seconds: float
         seconds.append(time.perf_counter() - start)
     after = device_memory()
     raised = after is not None and after["peak_bytes_in_use"] > before["peak_bytes_in_use"]
-    loop = (arm.loop or ("unrolled" if jax.default_backend() == "cpu" else "scan")) if micro else None
-    return {"microbatch_size": micro, "loop": loop, "compile_s": compile_seconds, "step_s": seconds,
+    loop = None if schedule.microbatch_size == workload.batch_size else ("unrolled" if schedule.unroll else "scan")
+    return {"microbatch_size": schedule.microbatch_size, "loop": loop, "schedule_basis": schedule.basis,
+            "compile_s": compile_seconds, "step_s": seconds,
             "step_s_min": min(seconds), "step_s_median": statistics.median(seconds),
             "images_per_s": workload.batch_size / min(seconds), "xla_peak_bytes": compiled_peak_bytes(compiled),
             "device_peak_bytes": after["peak_bytes_in_use"] if raised else None,
@@ -401,8 +456,9 @@ def speed(results: dict, quick: bool, models: list[str], budget: float, started:
     for index, (workload, arm) in enumerate(plan):
         left, needed = budget - (time.perf_counter() - started), longest.get(workload.name, 0.0)
         row = {"model": workload.name, "description": workload.description, "arm": arm.label,
-               "private": arm.private, "clipping": arm.clipping, "batch_size": workload.batch_size,
-               "input": list(workload.image_shape), "crop": workload.crop}
+               "private": arm.private, "clipping": arm.clipping, "schedule": arm.schedule,
+               "batch_size": workload.batch_size, "input": list(workload.image_shape),
+               "crop": None if workload.crop is None else workload.crop.to_dict()}
         if left < needed:
             results["skipped"].append(row | {"reason": f"{left:.0f} s of the budget left, this workload's longest "
                                                        f"arm so far took {needed:.0f} s"})
@@ -410,9 +466,8 @@ def speed(results: dict, quick: bool, models: list[str], budget: float, started:
             start = time.perf_counter()
             try:
                 if workload.name not in data:
-                    init = None if workload.crop is None else (workload.crop, workload.crop, 3)
                     data[workload.name] = setup(workload.model, workload.image_shape, workload.label_shape,
-                                                workload.batch_size, workload.classes, init_shape=init)
+                                                workload.batch_size, workload.classes, workload.crop)
                 row |= measure(workload, data[workload.name], arm, repeats, arm_seconds)
             except Exception as error:  # e.g. out of device memory: recorded, and the other arms still run
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -453,7 +508,7 @@ def markdown(results: dict) -> str:
     lines += ["| model | arm | batch (micro, loop) | compile s | step ms, min (median) | images/s | ÷ NP time "
               "| XLA peak MiB | ÷ NP | device peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["arms"]:
-        shape = f"{row['batch_size']}" + (f" ({row['microbatch_size']}, {row['loop']})" if row.get("microbatch_size") else "")
+        shape = f"{row['batch_size']}" + (f" ({row['microbatch_size']}, {row['loop']})" if row.get("loop") else "")
         if "error" in row:
             lines.append(f"| {row['model']} | {row['arm']} | {shape} | failed: {row['error'][:120]} |  |  |  |  |  |  |")
             continue
@@ -465,6 +520,11 @@ def markdown(results: dict) -> str:
                      f"{ratio('time_ratio')} | {row['xla_peak_bytes'] / MiB:.1f} | {ratio('memory_ratio')} | {device} |")
     described = {row["model"]: row["description"] for row in results["arms"] + results["skipped"]}
     lines += ["", *(f"- {name}: {description}" for name, description in described.items())]
+    chosen = {}  # the default schedule's basis -> the arms it chose for
+    for row in results["arms"]:
+        if row["schedule"] == "default" and "error" not in row:
+            chosen.setdefault(row["schedule_basis"], []).append(f"{row['model']} / {row['arm']}")
+    lines += [f"- default schedule of {', '.join(arms)}: {basis}" for basis, arms in chosen.items()]
     for row in results["skipped"]:
         lines.append(f"\nSkipped: {row['model']} / {row['arm']} ({row['reason']}).")
     return "\n".join(lines) + "\n"

@@ -19,38 +19,35 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from bench_step import ResNet18, UNet, setup
+from bench_step import ResNet18, UNet, linen_problem
 from patchdp import bookkeeping
 
 MODELS = {"resnet18": (ResNet18(), (32, 32, 3), (), 10), "unet": (UNet(), (64, 64, 3), (64, 64), 4)}
 
 
-def layer_costs(layer, params, batch_size, repeats):
+def layer_costs(layer, batch_size, repeats):
     """Seconds per method (and for the batch weight gradient) on random tapes."""
     kx, kg = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (batch_size, 1) + layer.input_shape)
     g = jax.random.normal(kg, (batch_size, 1) + layer.output_shape)
-    runs = {"batch": jax.jit(lambda p, x, g: bookkeeping._batch_grads(layer, p, x, g))}
-    for method in bookkeeping.METHODS:
-        if method != "direct" and not bookkeeping._unfoldable(layer.module):
-            continue
+    runs = {"batch": jax.jit(lambda x, g: bookkeeping._weight_grads(layer, x, g, per_example=False))}
+    for method in filter(layer.supports, bookkeeping.METHODS):
         variant = dataclasses.replace(layer, method=method)
 
-        def run(p, x, g, variant=variant):
-            squares, grads = bookkeeping.square_norms(variant, p, x, g)
+        def run(x, g, variant=variant):
+            squares, grads = bookkeeping.square_norms(variant, x, g)
             scale = 1 / jnp.maximum(jnp.sqrt(squares), 1)
-            return bookkeeping.clipped_sums(variant, p, x, g, grads, scale)
+            return bookkeeping.clipped_sums(variant, x, g, grads, scale)
 
         runs[method] = jax.jit(run)
     for fn in runs.values():
-        jax.block_until_ready(fn(params, x, g))
+        jax.block_until_ready(fn(x, g))
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, fn in runs.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(params, x, g))
+            jax.block_until_ready(fn(x, g))
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -67,13 +64,13 @@ def main():
           f"  fastest  chosen")
     for name in args.models.split(","):
         model, image, label, classes = MODELS[name]
-        params, _, loss = setup(model, image, label, 1, classes)
+        params, loss = linen_problem(model, image)
         view = (jnp.zeros(image), jnp.zeros(label, jnp.int32))
-        layers = bookkeeping.find_layers(lambda p, v: loss(p, *v), params, view)
-        leaves = jax.tree.leaves(params)
+        layers = bookkeeping.find_layers(loss, params, view).layers
+        names = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         totals = {}
         for layer in layers:
-            costs = layer_costs(layer, [leaves[i] for i in layer.leaves], args.batch, args.repeats)
+            costs = layer_costs(layer, args.batch, args.repeats)
             for method, seconds in costs.items():
                 totals[method] = totals.get(method, 0) + seconds
             totals["chosen"] = totals.get("chosen", 0) + costs[layer.method]
@@ -81,7 +78,7 @@ def main():
             cells = " ".join(f"{costs[m] * 1e3:7.1f}" if m in costs else f"{'-':>7s}"
                              for m in ("batch",) + bookkeeping.METHODS)
             size = layer.sizes(1)
-            print(f"{name + ':' + layer.name:34.34s} {size[0]:5d} {size[1]:5d} {size[2]:4d} {cells}  "
+            print(f"{name + ':' + names[layer.leaf]:34.34s} {size[0]:5d} {size[1]:5d} {size[2]:4d} {cells}  "
                   f"{min(methods, key=methods.get):7s}  {layer.method}", flush=True)
         print(f"{name + ': all layers':34s} {'':17s}" + " ".join(
             f"{totals.get(m, float('nan')) * 1e3:7.1f}" for m in ("batch",) + bookkeeping.METHODS)

@@ -1,24 +1,31 @@
-"""DP-SGD step cost against the non-private step, and microbatching's peak memory.
+"""DP-SGD step cost against the non-private step, for the same network written in
+flax.linen, Flax NNX and plain JAX, and for a model zoo.
 
-    .venv/bin/python benchmarks/bench_step.py            # a few minutes on a 2-core CPU
+    cd benchmarks && ../.venv/bin/python bench_step.py   # a few minutes on a 2-core CPU
+    # --repeats N, --models cnn,resnet18,unet,vgg11,deeplabv3plus, --memory (microbatch memory ratio)
 
-In one run, on the same model, batch and key:
+In one run, on the same parameters, batch and key, the arms alternating step by step
+(load from other processes hits all alike), the fastest of ``--repeats`` steps after
+compilation, and XLA's compiled peak memory (``compiled.memory_analysis()``: arguments
++ outputs + temporaries − aliased donations):
 
-* step time and peak memory of the non-private step (``clip_norm=None,
-  noise_multiplier=0``: one batch gradient), the private step with its default
-  book-keeping clipping, the private step with per-example gradients by ``vmap``
-  (the pre-book-keeping path), and both default steps in microbatches of 8, for a
-  117k-parameter U-Net on 64×64×3 inputs and a ResNet-18 classifier (11.2M
-  parameters, GroupNorm) on 32×32×3 inputs, batch 32; the fastest of a few steps
-  after compilation, all arms alternating; peak memory is XLA's compiled peak
-  (``compiled.memory_analysis()``: arguments + outputs + temporaries − aliased
-  donations, as buffer-assigned); ratios are over the non-private whole-batch step;
-* microbatching's memory ratio: the private U-Net step's peak for a logical batch of
-  256 in microbatches of 16 over a logical batch of 16, for the unrolled loop (CPU
-  default) and ``lax.scan`` (accelerator default).
+* the non-private step on the whole batch (one gradient of the summed loss: what a
+  training loop without privacy runs; the denominator of every ratio), and with the
+  default schedule (:func:`patchdp.clipping.default_schedule`);
+* the private step (C = 1, z = 1) with the defaults (book-keeping, default schedule),
+  on the whole batch (the previous default), and, for the 4-convolution CNN, with
+  per-example gradients by ``vmap`` (what the linen interceptor left NNX and plain-JAX
+  models before the layers were found on the jaxpr);
+* the CNN (32×32×3, batch 32, 10 classes) in linen, NNX (``nnx.merge`` inside the loss)
+  and plain ``jax.lax``; ResNet-18 (GroupNorm) and a U-Net with ConvTranspose (defined
+  here), VGG-11 and DeepLabV3+ (patchdp.models) at small inputs.
 
-Targets (issue 9): DP / non-private ≤ 1.2 (U-Net) and ≤ 1.3 (ResNet-18), DP peak memory ≤ 1.5×
-the non-private peak; microbatching memory ratio ≤ 1.2. Results: benchmarks/README.md.
+The step is built here from :func:`patchdp.clipping.clipped_grad_sum`, Gaussian noise
+on the sum and optax SGD with momentum, not from ``make_train_step``, so that the
+benchmark measures the clipping and not one version of the training API.
+Targets (issue 21): DP / non-private ≤ 1.2 with the defaults; the CNN's DP step in the
+three frameworks within 10% of each other; peak memory ≤ 1.5× non-private.
+Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from patchdp.training import Batch, TrainState, linen_loss, make_train_step
+from patchdp.clipping import clipped_grad_sum
+from patchdp.models import get_model
 
 
 def conv(features, kernel=3, stride=1):
@@ -84,100 +93,191 @@ class ResNet18(nn.Module):
         return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def setup(model, image_shape, label_shape, batch_size, classes, init_shape=None):
-    """Parameters, a random batch (images and labels) and the per-example loss. The
-    parameters are initialised on one input of ``init_shape`` (default ``image_shape``;
-    e.g. the crop size when the images are larger than what the model sees)."""
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = jax.jit(model.init)(keys[0], jnp.zeros((1,) + (init_shape or image_shape)))["params"]
-    batch = Batch(jax.random.normal(keys[1], (batch_size,) + image_shape),
-                  jax.random.randint(keys[2], (batch_size,) + label_shape, 0, classes))
-    loss = linen_loss(model, optax.softmax_cross_entropy_with_integer_labels)
-    return params, batch, loss
+class LinenCNN(nn.Module):
+    """Four 3×3 convolutions (32, 32/2, 64, 64/2 channels/stride), ReLU, mean, Dense."""
+
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        for features, stride in CNN_LAYERS:
+            x = nn.relu(nn.Conv(features, (3, 3), strides=stride)(x))
+        return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def step_fn(loss, private, batch_size, **options):
-    """The private step (C = 1, z = 1) or the non-private baseline, same code path."""
-    privacy = dict(clip_norm=1.0, noise_multiplier=1.0) if private else dict(clip_norm=None, noise_multiplier=0.0)
-    return make_train_step(loss, optax.sgd(0.1, momentum=0.9), expected_batch_size=batch_size,
-                           **privacy, **options)
+CNN_LAYERS = ((32, 1), (32, 2), (64, 1), (64, 2))
 
 
-ARMS = {  # name -> (private, options); "non-private" is the denominator of every ratio
-    "non-private": (False, {}),
-    "DP book-keeping (default)": (True, {}),
-    "DP per-example (vmap)": (True, dict(clipping="per_example")),
-    "non-private, microbatch 8": (False, dict(microbatch_size=8)),
-    "DP book-keeping, microbatch 8": (True, dict(microbatch_size=8)),
-}
+class NNXCNN(nnx.Module):
+    """:class:`LinenCNN` in Flax NNX."""
+
+    def __init__(self, classes: int, rngs: nnx.Rngs):
+        channels = (3,) + tuple(f for f, _ in CNN_LAYERS)
+        self.convs = nnx.List([nnx.Conv(i, o, (3, 3), strides=s, rngs=rngs)
+                               for i, (o, s) in zip(channels, CNN_LAYERS)])
+        self.head = nnx.Linear(channels[-1], classes, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.convs:
+            x = nnx.relu(layer(x))
+        return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-def time_arms(name, model, image_shape, label_shape, batch_size, classes, repeats, target):
-    """Step times and compiled peak memory of every arm on the same parameters, batch and
-    keys; the arms alternate step by step so that load from other processes hits all
-    alike; the fastest of ``repeats`` each (the least disturbed). Ratios are over the
-    non-private whole-batch step."""
-    params, batch, loss = setup(model, image_shape, label_shape, batch_size, classes)
-    count = sum(p.size for p in jax.tree.leaves(params))
-    print(f"{name}: {count:,} parameters, batch {batch_size}, input {image_shape}", flush=True)
-    steps, states, peaks, samples = {}, {}, {}, {}
-    for arm, (private, options) in ARMS.items():
-        steps[arm] = step_fn(loss, private, batch_size, **options)
-        state = TrainState.create(jax.tree.map(jnp.copy, params), optax.sgd(0.1, momentum=0.9))
-        peaks[arm] = peak_bytes(steps[arm], state, batch)
-        states[arm] = jax.block_until_ready(steps[arm](state, batch, jax.random.key(1))[0])  # compile
-        samples[arm] = []
-    for i in range(repeats):
-        for arm, step in steps.items():
-            start = time.perf_counter()
-            states[arm] = jax.block_until_ready(step(states[arm], batch, jax.random.key(2 + i))[0])
-            samples[arm].append(time.perf_counter() - start)
-    base, base_peak = min(samples["non-private"]), peaks["non-private"]
-    for arm in ARMS:
-        best = min(samples[arm])
-        print(f"  {arm:31s} {best * 1e3:7.0f} ms  ratio {best / base:5.2f}   peak {peaks[arm] / 2**20:7.1f} MiB  "
-              f"ratio {peaks[arm] / base_peak:5.2f}", flush=True)
-    print(f"  targets: time ratio <= {target}, memory ratio <= 1.5", flush=True)
+def plain_cnn(params, x):
+    """:class:`LinenCNN` in plain ``jax.lax`` (params from the linen model)."""
+    for i, (_, stride) in enumerate(CNN_LAYERS):
+        layer = params[f"Conv_{i}"]
+        x = jax.lax.conv_general_dilated(x, layer["kernel"], (stride, stride), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.nn.relu(x + layer["bias"])
+    return jnp.mean(x, axis=(1, 2)) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
 
 
-def peak_bytes(step, state, batch) -> int:
-    """XLA's buffer-assigned peak of the compiled step: arguments + outputs +
-    temporaries − donated (aliased) bytes."""
-    return compiled_peak_bytes(step.lower(state, batch, jax.random.key(0)).compile())
+def cross_entropy(logits, label):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, label))
+
+
+def linen_problem(model, image_shape):
+    """(params, loss(params, (image, label))) for a linen model applied to one image."""
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + image_shape))["params"]
+    return params, lambda p, view: cross_entropy(model.apply({"params": p}, view[0][None])[0], view[1])
+
+
+def cnn_problems():
+    """The same CNN in three frameworks: name -> (params, loss)."""
+    params, linen_loss = linen_problem(LinenCNN(), (32, 32, 3))
+    graphdef, state = nnx.split(NNXCNN(10, nnx.Rngs(0)))
+    nnx_loss = lambda p, view: cross_entropy(nnx.merge(graphdef, p)(view[0][None])[0], view[1])
+    plain_loss = lambda p, view: cross_entropy(plain_cnn(p, view[0][None])[0], view[1])
+    return {"linen": (params, linen_loss), "NNX": (state, nnx_loss), "plain JAX": (params, plain_loss)}
+
+
+def make_step(loss, private: bool, **options):
+    """``step(params, opt_state, examples, key) -> (params, opt_state)``: the clipped
+    (C = 1) or plain gradient sum, N(0, 1) noise on it if private, SGD with momentum."""
+    optimizer = optax.sgd(0.1, momentum=0.9)
+
+    def step(params, opt_state, examples, key):
+        size = examples[0].shape[0]
+        total, _ = clipped_grad_sum(loss, params, examples, clip_norm=1.0 if private else None, **options)
+        if private:
+            keys = jax.random.split(key, len(jax.tree.leaves(total)))
+            noise = [jax.random.normal(k, g.shape, g.dtype) for k, g in zip(keys, jax.tree.leaves(total))]
+            total = jax.tree.unflatten(jax.tree.structure(total), [g + n for g, n in zip(jax.tree.leaves(total), noise)])
+        grads = jax.tree.map(lambda g, p: (g / size).astype(p.dtype), total, params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1)), optimizer
+
+
+def arms(batch_size, per_example=False):
+    """name -> (private, clipped_grad_sum options); the first is every ratio's denominator."""
+    chosen = {
+        "non-private, whole batch": (False, dict(microbatch_size=batch_size)),
+        "non-private, default": (False, {}),
+        "DP default": (True, {}),
+        "DP whole batch": (True, dict(microbatch_size=batch_size)),
+    }
+    if per_example:
+        chosen["DP per-example (vmap), default"] = (True, dict(clipping="per_example"))
+    return chosen
+
+
+def batch_of(image_shape, label_shape, batch_size, classes):
+    """(B, 1) views: random images and labels."""
+    keys = jax.random.split(jax.random.key(1))
+    return (jax.random.normal(keys[0], (batch_size, 1) + image_shape),
+            jax.random.randint(keys[1], (batch_size, 1) + label_shape, 0, classes))
 
 
 def compiled_peak_bytes(compiled) -> int:
-    """The buffer-assigned peak of a compiled program (``jit(f).lower(...).compile()``)."""
+    """XLA's buffer-assigned peak of a compiled program (``jit(f).lower(...).compile()``):
+    arguments + outputs + temporaries − donated (aliased) bytes."""
     stats = compiled.memory_analysis()
     return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
             - stats.alias_size_in_bytes)
 
 
+def time_arms(problems, examples, repeats, per_example=False):
+    """Step times (fastest of ``repeats``) and compiled peaks of every arm of every
+    problem ({name: (params, loss)}), all steps alternating. Returns {(problem, arm): (s, bytes)}."""
+    size = examples[0].shape[0]
+    compiled, states, samples, peaks = {}, {}, {}, {}
+    for name, (params, loss) in problems.items():
+        for arm, (private, options) in arms(size, per_example).items():
+            step, optimizer = make_step(loss, private, **options)
+            state = (jax.tree.map(jnp.copy, params), optimizer.init(params))
+            lowered = step.lower(*state, examples, jax.random.key(0)).compile()
+            peaks[name, arm] = compiled_peak_bytes(lowered)
+            compiled[name, arm] = lowered
+            states[name, arm] = jax.block_until_ready(lowered(*state, examples, jax.random.key(0)))
+            samples[name, arm] = []
+    for i in range(repeats):
+        for key, step in compiled.items():
+            start = time.perf_counter()
+            states[key] = jax.block_until_ready(step(*states[key], examples, jax.random.key(2 + i)))
+            samples[key].append(time.perf_counter() - start)
+    return {key: (min(times), peaks[key]) for key, times in samples.items()}
+
+
+def report(results, title):
+    """Prints every problem's arms with ratios over its whole-batch non-private step."""
+    print(title, flush=True)
+    for name in dict.fromkeys(problem for problem, _ in results):
+        base, base_peak = results[name, "non-private, whole batch"]
+        for (problem, arm), (seconds, peak) in results.items():
+            if problem == name:
+                print(f"  {name:10s} {arm:32s} {seconds * 1e3:7.0f} ms  ratio {seconds / base:5.2f}   "
+                      f"peak {peak / 2**20:7.1f} MiB  ratio {peak / base_peak:5.2f}", flush=True)
+
+
+ZOO = {  # name -> (model, input shape, label shape, classes, batch)
+    "resnet18": (lambda: ResNet18(), (32, 32, 3), (), 10, 32),
+    "unet": (lambda: UNet(), (64, 64, 3), (64, 64), 4, 16),
+    "vgg11": (lambda: get_model("vgg11", 10), (32, 32, 3), (), 10, 16),
+    "deeplabv3plus": (lambda: get_model("deeplabv3plus", 4), (64, 64, 3), (64, 64), 4, 8),
+}
+
+
 def memory_ratio(unroll, logical=256, micro=16):
     """Peak of the private U-Net step for a logical batch in microbatches, over the peak
     for one microbatch-sized logical batch."""
-    params, big, loss = setup(UNet(), (64, 64, 3), (64, 64), logical, 4)
-    state = TrainState.create(params, optax.sgd(0.1, momentum=0.9))
-    small = jax.tree.map(lambda x: x[:micro], big)
-    chunked = peak_bytes(step_fn(loss, True, logical, microbatch_size=micro, unroll=unroll), state, big)
-    single = peak_bytes(step_fn(loss, True, micro, unroll=unroll), state, small)
-    ratio = chunked / single
+    params, loss = linen_problem(UNet(), (64, 64, 3))
+
+    def peak(size, **options):
+        step, optimizer = make_step(loss, True, unroll=unroll, **options)
+        examples = batch_of((64, 64, 3), (64, 64), size, 4)
+        return compiled_peak_bytes(step.lower(params, optimizer.init(params), examples, jax.random.key(0)).compile())
+
+    chunked, single = peak(logical, microbatch_size=micro), peak(micro, microbatch_size=micro)
     loop = "unrolled" if unroll else "lax.scan"
     print(f"memory  U-Net, {loop:8s} loop: logical {logical} in microbatches of {micro}: {chunked / 2**20:6.1f} MiB, "
-          f"logical {micro}: {single / 2**20:6.1f} MiB, ratio {ratio:.2f} (target <= 1.2)", flush=True)
-    return ratio
+          f"logical {micro}: {single / 2**20:6.1f} MiB, ratio {chunked / single:.2f} (target <= 1.2)", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per arm")
+    parser.add_argument("--models", default="cnn," + ",".join(ZOO), help="cnn and/or zoo models, comma-separated")
+    parser.add_argument("--memory", action="store_true", help="also the U-Net microbatching memory ratios")
     args = parser.parse_args()
     start = time.perf_counter()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    time_arms("U-Net", UNet(), (64, 64, 3), (64, 64), 32, 4, args.repeats, target=1.2)
-    time_arms("ResNet-18", ResNet18(), (32, 32, 3), (), 32, 10, args.repeats, target=1.3)
-    for unroll in (True, False):
-        memory_ratio(unroll)
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); "
+          f"fastest of {args.repeats}, ratios over the whole-batch non-private step")
+    for name in args.models.split(","):
+        if name == "cnn":
+            results = time_arms(cnn_problems(), batch_of((32, 32, 3), (), 32, 10), args.repeats, per_example=True)
+            report(results, "4-conv CNN, 32x32x3, batch 32, the same network in three frameworks")
+            continue
+        model, image, label, classes, size = ZOO[name]
+        params, loss = linen_problem(model(), image)
+        count = sum(leaf.size for leaf in jax.tree.leaves(params))
+        results = time_arms({name: (params, loss)}, batch_of(image, label, size, classes), args.repeats)
+        report(results, f"{name}: {count:,} parameters, batch {size}, input {image}")
+    if args.memory:
+        for unroll in (True, False):
+            memory_ratio(unroll)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

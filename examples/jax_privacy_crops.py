@@ -29,13 +29,14 @@ def main(quick: bool) -> int:
     except ImportError:
         print("jax_privacy is not installed (pip install jax-privacy): skipping this example.")
         return 0
-    n, size, epochs, clip_norm, z = (512, 16, 2, 1.0, 2.0) if quick else (4096, 28, 10, 1.0, 2.0)
+    n, size, epochs = (512, 16, 2) if quick else (4096, 28, 10)
     images, labels = synthetic(n, size, seed=0)
-    crop = patchdp.CropSpec(size * 3 // 8, crops_per_example=2)
-    sampling = patchdp.FixedSizeSampling(batch_size=64, dataset_size=n)
-    p_star = patchdp.inclusion_probability((size, size), crop, patchdp.Patch.rectangle(3))
-    ledger = patchdp.Ledger(sampling=sampling, relation=patchdp.PatchLevel(p_star), delta=0.1 / n,
-                            resolution=1e-3 if quick else 1e-4)
+    mechanism = patchdp.DPSGD(
+        sampling=patchdp.FixedSizeSampling(batch_size=64, dataset_size=n),
+        crop=patchdp.CropSpec(size * 3 // 8, crops_per_example=2), image_shape=(size, size),
+        patch=patchdp.Patch.rectangle(3), clip_norm=1.0, noise_multiplier=2.0, delta=0.1 / n,
+        resolution=1e-3 if quick else 1e-4)
+    crop, ledger = mechanism.crop, mechanism.ledger()
     model = CNN()
     params = model.init(jax.random.key(0), images[:1, :crop.output_size[0], :crop.output_size[1]])["params"]
 
@@ -44,8 +45,8 @@ def main(quick: bool) -> int:
         logits = model.apply({"params": params}, crops)
         return optax.softmax_cross_entropy_with_integer_labels(logits, crop_labels).mean()
 
-    grad_sum = jax_privacy.clipped_grad(loss, l2_clip_norm=clip_norm, batch_argnums=(1, 2), prng_argnum=3)
-    optimizer = optax.chain(patchdp.gaussian_noise(z, clip_norm, sampling.expected_batch_size), optax.adam(0.05))
+    grad_sum = jax_privacy.clipped_grad(loss, l2_clip_norm=mechanism.clip_norm, batch_argnums=(1, 2), prng_argnum=3)
+    optimizer = optax.chain(mechanism.noise(), optax.adam(0.05))  # + N(0, (z·C)²), / B: the mechanism's
     opt_state = optimizer.init(params)
 
     @jax.jit
@@ -56,15 +57,15 @@ def main(quick: bool) -> int:
         return optax.apply_updates(params, updates), opt_state
 
     seed, base_key = patchdp.SamplingSeed.from_os(), jax.random.key(secrets.randbits(63))
-    for t in range(sampling.steps_for_epochs(epochs)):
-        chosen = sampling.sample(seed, t).indices  # fixed-size batches: no padded slots
+    for t in range(mechanism.sampling.steps_for_epochs(epochs)):
+        chosen = mechanism.sampling.sample(seed, t).indices  # fixed-size batches: no padded slots
         params, opt_state = step(params, opt_state, images[chosen], labels[chosen], jax.random.fold_in(base_key, t))
-        ledger.step(z)
+        ledger.step()
 
     test_images, test_labels = synthetic(512, size, seed=1)
     accuracy = np.mean(np.argmax(model.apply({"params": params}, test_images), -1) == test_labels)
     print(f"jax-privacy {jax_privacy.__version__} clipping: {ledger.steps} steps, test accuracy {accuracy:.3f}")
-    print(f"ε = {ledger.epsilon():.3f} at δ = {ledger.delta:.2g}, patch-level (3x3 patch, p* = {p_star:.3f})")
+    print(f"ε = {ledger.epsilon():.3f} at δ = {ledger.delta:.2g}, patch-level (3x3 patch, p* = {mechanism.inclusion_probability:.3f})")
     return 0
 
 

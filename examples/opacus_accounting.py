@@ -40,18 +40,17 @@ def main(argv=None) -> None:
 
     sampling = patchdp.PoissonSampling(rate=args.batch_size / args.dataset_size, dataset_size=args.dataset_size)
     steps = sampling.steps_for_epochs(epochs)  # Opacus: len(data_loader) · epochs
-    crop = patchdp.CropSpec(args.crop, padding=args.padding)
-    patch = patchdp.Patch.rectangle(args.patch)
-    p_star = patchdp.inclusion_probability((args.image_size, args.image_size), crop, patch)
-    relations = [("add/remove (Opacus convention)", patchdp.AddRemove()),
-                 ("image-level substitution", patchdp.ImageLevel()),
-                 (f"patch-level, {args.patch}x{args.patch} patch (p* = {p_star:.4f})", patchdp.PatchLevel(p_star))]
+    run = patchdp.DPSGD(sampling=sampling, clip_norm=1.0, noise_multiplier=args.noise_multiplier, delta=args.delta,
+                        crop=patchdp.CropSpec(args.crop, padding=args.padding),
+                        image_shape=(args.image_size, args.image_size), patch=patchdp.Patch.rectangle(args.patch),
+                        resolution=resolution)  # ε does not depend on C: z is in units of it
+    p_star = run.inclusion_probability
+    accountings = [("add/remove (Opacus convention)", "add_remove"), ("image-level substitution", "image"),
+                   (f"patch-level, {args.patch}x{args.patch} patch (p* = {p_star:.4f})", "patch")]
     print(f"Poisson sampling q = {sampling.rate:.4g}, {steps} steps, σ = z = {args.noise_multiplier}, "
           f"δ = {args.delta:g}")
-    for name, relation in relations:
-        eps = patchdp.epsilon(args.noise_multiplier, steps, args.delta, sampling=sampling, relation=relation,
-                              resolution=resolution)
-        print(f"  ε {name:<45} {eps:8.3f}")
+    for name, accounting in accountings:
+        print(f"  ε {name:<45} {run.replace(accounting=accounting).epsilon(steps):8.3f}")
     if p_star == 1:
         print("  p* = 1: every crop position touches the patch, so cropping gives no amplification here; "
               "smaller crops (or more padding) would.")

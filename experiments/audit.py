@@ -28,35 +28,37 @@ import time
 import jax
 
 from common import RESULTS, write_rows  # noqa: E402
-from patchdp import accounting, plots  # noqa: E402
+from patchdp import plots  # noqa: E402
 from patchdp.audit import audit, audit_ceiling, canary_step  # noqa: E402
-from patchdp.inclusion import CropSpec, Patch, inclusion_probability  # noqa: E402
-from patchdp.sampling import SamplingSeed  # noqa: E402
+from patchdp.inclusion import CropSpec, Patch  # noqa: E402
+from patchdp.mechanism import DPSGD  # noqa: E402
+from patchdp.sampling import FixedSizeSampling, SamplingSeed  # noqa: E402
 
 IMAGE = (16, 16)
-PATCH = Patch.rectangle(1)
-SAMPLING = accounting.FixedSizeSampling(batch_size=4, dataset_size=4)
-Z, CLIP, DELTA = 2.0, 1.0, 1e-5
 CROPS = (4, 6, 8, 16)
 BROKEN_CROP = 4
+Z = 2.0
+ACCOUNTED = DPSGD(sampling=FixedSizeSampling(batch_size=4, dataset_size=4), clip_norm=1.0, noise_multiplier=Z,
+                  delta=1e-5, crop=CropSpec(BROKEN_CROP), image_shape=IMAGE, patch=Patch.rectangle(1))
+DELTA = ACCOUNTED.delta
 
 
-def setting(name, crop, step, runs, index, *, z_run=Z, crop_run=None):
-    """One audit; ``z_run``/``crop_run``: what the step really does (for its ceiling)."""
+def setting(name, crop, runs, index, *, running=None):
+    """One audit of the step of ``running`` (default: the accounted mechanism itself)
+    against the claim of the mechanism with crop ``crop``."""
     start = time.perf_counter()
-    result = audit(image_shape=IMAGE, crop=CropSpec(crop), patch=PATCH, sampling=SAMPLING, noise_multiplier=Z,
-                   delta=DELTA, runs=runs, clip_norm=CLIP, key=jax.random.key(index),
-                   seed=SamplingSeed.fixed(index), step=step)
+    accounted = ACCOUNTED.replace(crop=CropSpec(crop))
+    running = running or accounted
+    result = audit(accounted, runs=runs, key=jax.random.key(index), seed=SamplingSeed.fixed(index),
+                   step=canary_step(running))
     row = dict(mechanism=name, crop=crop, inclusion_probability=result.inclusion_probability,
                epsilon_audited=result.bound.epsilon, epsilon_patch=result.epsilon_patch,
                epsilon_image=result.epsilon_image, flagged=result.flagged, runs_per_world=runs,
                confidence=result.bound.confidence, threshold=result.bound.threshold,
                direction=result.bound.direction, tpr_low=result.bound.tpr_low, fpr_high=result.bound.fpr_high,
                seconds=time.perf_counter() - start)
-    true_rate = inclusion_probability(IMAGE, CropSpec(crop_run or crop), PATCH) * SAMPLER.sampling_rate
-    row["epsilon_true"] = accounting.epsilon(z_run, 1, DELTA, sampling=SAMPLING,
-                                             relation=accounting.PatchLevel(true_rate / SAMPLER.sampling_rate))
-    row["epsilon_ceiling"] = audit_ceiling(z_run, true_rate, DELTA, runs)
+    row["epsilon_true"] = running.epsilon(1)  # what the step really does, accounted
+    row["epsilon_ceiling"] = audit_ceiling(running.noise_multiplier, running.effective_sampling_rate, DELTA, runs)
     print(f"  {name:>12}  crop {crop:>2}  p*={row['inclusion_probability']:.4f}  "
           f"audited ≥ {row['epsilon_audited']:.3f} (ceiling {row['epsilon_ceiling']:.3f})  ε_patch={row['epsilon_patch']:.3f}  "
           f"ε_image={row['epsilon_image']:.3f}  {'FLAGGED' if row['flagged'] else 'ok'}  ({row['seconds']:.0f} s)",
@@ -69,11 +71,9 @@ def main(argv):
     parser.add_argument("--runs", type=int, default=200_000, help="runs per world (default %(default)s)")
     runs = parser.parse_args(argv).runs
     start = time.perf_counter()
-    step = lambda crop, z: canary_step(crop=crop, noise_multiplier=z, clip_norm=CLIP,
-                                       expected_batch_size=SAMPLER.expected_batch_size)
-    rows = [setting("honest", c, step(CropSpec(c), Z), runs, i) for i, c in enumerate(CROPS)]
-    rows.append(setting("crop ignored", BROKEN_CROP, step(CropSpec(IMAGE), Z), runs, 10, crop_run=IMAGE))
-    rows.append(setting("half noise", BROKEN_CROP, step(CropSpec(BROKEN_CROP), Z / 2), runs, 11, z_run=Z / 2))
+    rows = [setting("honest", c, runs, i) for i, c in enumerate(CROPS)]
+    rows.append(setting("crop ignored", BROKEN_CROP, runs, 10, running=ACCOUNTED.replace(crop=CropSpec(IMAGE))))
+    rows.append(setting("half noise", BROKEN_CROP, runs, 11, running=ACCOUNTED.replace(noise_multiplier=Z / 2)))
 
     honest = rows[:len(CROPS)]
     p = [r["inclusion_probability"] for r in honest]

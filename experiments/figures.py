@@ -48,6 +48,7 @@ from common import RESULTS, training_steps  # noqa: E402
 
 from patchdp import accounting  # noqa: E402
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability  # noqa: E402
+from patchdp.sampling import FixedSizeSampling  # noqa: E402
 
 FIGURES = "ABCDEFG"
 SIGMA_GROUPS = {"low": (1.0, 1.5, 2.0), "medium": (2.5, 3.0, 3.5), "high": (4.0, 4.5, 5.0)}
@@ -71,8 +72,8 @@ class Setting:
     resolution: float = accounting.DEFAULT_RESOLUTION
 
     @property
-    def sampling(self) -> accounting.FixedSizeSampling:
-        return accounting.FixedSizeSampling(batch_size=self.batch_size, dataset_size=self.dataset_size)
+    def sampling(self) -> FixedSizeSampling:
+        return FixedSizeSampling(batch_size=self.batch_size, dataset_size=self.dataset_size)
 
     @property
     def steps(self) -> int:

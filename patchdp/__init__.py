@@ -5,13 +5,15 @@ for one example of each. One :class:`CropSpec` drives both the on-device crops a
 accountant's inclusion probability p*; one sampling object (:class:`FixedSizeSampling`,
 :class:`PoissonSampling`) both draws the batches and gives the accountant its rate q.
 
+- the mechanism: ``DPSGD`` (sampling, crops, patch, clip norm, noise, accounting: the
+  step, its noise and its ledger are all built from it)
 - crops and inclusion: ``CropSpec``, ``Patch``, ``inclusion_probability``, ``inclusion_map``,
   ``crop``, ``crop_batch`` (the random crops, on device)
 - sampling schemes: ``FixedSizeSampling``, ``PoissonSampling``, ``SamplingSeed``
 - relations (what is protected): ``PatchLevel``, ``ImageLevel``, ``AddRemove``,
   ``GaussianAugmentation``
 - accounting: ``epsilon``, ``delta``, ``privacy_profile``, ``numerical_floor``,
-  ``calibrate_noise``, ``max_steps``, ``Ledger``
+  ``calibrate_noise``, ``max_steps``, ``Ledger`` (of a mechanism)
 - training: ``private_grad``, ``gaussian_noise``, ``make_train_step``, ``TrainState``,
   ``Batch``, ``linen_loss``, ``gaussian_pixel_noise``
 
@@ -30,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 _HOMES = {
+    "patchdp.mechanism": ("DPSGD",),
     "patchdp.inclusion": ("CropSpec", "Patch", "inclusion_probability", "inclusion_map"),
     "patchdp.crops": ("crop", "crop_batch"),
     "patchdp.sampling": ("FixedSizeSampling", "PoissonSampling", "SamplingSeed"),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["InvalidType", "integer", "number", "rate", "size"]
+__all__ = ["InvalidType", "integer", "number", "rate", "size", "clip_norm", "noise_multiplier", "delta",
+           "epsilon"]
 
 
 class InvalidType(TypeError, ValueError):
@@ -57,3 +58,23 @@ def size(name: str, value) -> tuple[int, int]:
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in pair):
         return int(pair[0]), int(pair[-1])
     raise ValueError(f"{name} must be N, 'HxW' or [H, W] with positive integers, got {value!r}.")
+
+
+def clip_norm(value, name: str = "clip_norm C") -> float:
+    """The clip norm C: a finite number > 0 (0, negative, NaN and ±inf are refused)."""
+    return number(name, value, 0, math.inf, low_open=True)
+
+
+def noise_multiplier(value, name: str = "noise_multiplier z (noise std / clip norm)") -> float:
+    """The noise multiplier z: a finite number >= 0 (z = 0 adds no noise: no privacy)."""
+    return number(name, value, 0, math.inf)
+
+
+def delta(value, name: str = "delta") -> float:
+    """δ of an (ε, δ) guarantee, in (0, 1)."""
+    return number(name, value, 0, 1, low_open=True, high_open=True)
+
+
+def epsilon(value, name: str = "epsilon") -> float:
+    """A target or budget ε: a finite number > 0."""
+    return number(name, value, 0, math.inf, low_open=True)

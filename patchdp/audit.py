@@ -52,8 +52,8 @@ import numpy as np
 import optax
 from scipy import stats
 
-from patchdp import accounting
-from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map, inclusion_probability
+from patchdp.inclusion import CropSpec, Patch, image_hw, inclusion_map
+from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling, SamplingSeed
 from patchdp.training import Batch, TrainState, make_train_step
 
@@ -228,14 +228,12 @@ def canary_loss(clip_norm: float):
     return loss
 
 
-def canary_step(*, crop: CropSpec | None, noise_multiplier: float, clip_norm: float,
-                expected_batch_size: float):
-    """The real jitted DP-SGD step (``make_train_step``) on the canary model, SGD with
-    learning rate 1. ``crop`` and ``noise_multiplier`` are what the mechanism DOES; they
-    may differ from what is accounted (that is how a broken mechanism is built)."""
-    return make_train_step(canary_loss(clip_norm), optax.sgd(1.0), clip_norm=clip_norm,
-                           noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
-                           crop=crop)
+def canary_step(mechanism: DPSGD):
+    """The real jitted DP-SGD step of ``mechanism`` (``make_train_step``) on the canary
+    model, SGD with learning rate 1. To audit a broken mechanism, pass one that differs
+    from the accounted one (``mechanism.replace(noise_multiplier=z / 2)``, another crop):
+    :func:`audit` holds its steps against the claim of the mechanism it is given."""
+    return make_train_step(canary_loss(mechanism.clip_norm), optax.sgd(1.0), mechanism)
 
 
 def audit_scores(step, worlds, sampling: FixedSizeSampling | PoissonSampling, *, runs: int, key: jax.Array,
@@ -304,34 +302,31 @@ class AuditResult:
         return bool(self.bound.epsilon > self.epsilon_patch)
 
 
-def audit(*, image_shape, crop: CropSpec, patch: Patch, sampling: FixedSizeSampling | PoissonSampling,
-          noise_multiplier: float, delta: float, runs: int, key: jax.Array, seed: SamplingSeed,
-          clip_norm: float = 1.0, confidence: float = 0.95, step=None, chunk: int = 4096) -> AuditResult:
-    """Audits one DP-SGD step for the patch-level relation of (``crop``, ``patch``).
+def audit(mechanism: DPSGD, *, runs: int, key: jax.Array, seed: SamplingSeed, confidence: float = 0.95,
+          step=None, chunk: int = 4096) -> AuditResult:
+    """Audits one DP-SGD step of ``mechanism`` for its patch-level relation.
 
     Args:
-      image_shape: (H, W) of the canary images (single channel).
-      crop, patch, sampling, noise_multiplier, clip_norm: the accounted setting; the
-        claimed ε is ``accounting.epsilon(z, 1, δ, relation=PatchLevel(p*))``.
-      delta: δ of the bound and of the claim.
+      mechanism: the accounted setting (:class:`patchdp.DPSGD` with crop, image_shape
+        (H, W) of the single-channel canary images, patch, sampling, z, C, δ); the
+        claimed ε is ``mechanism.replace(accounting="patch").epsilon(1)``.
       runs: runs per world (with and without the canary); half of them choose the test.
       key, seed: the step keys (crops, noise) and the batch-sampling seed of the runs.
       confidence: the bound holds with at least this probability.
-      step: the mechanism to audit; default the honest :func:`canary_step` of this very
-        setting. Pass a :func:`canary_step` with another crop or noise to audit a
-        mechanism that does not do what is accounted.
+      step: the step to audit; default the honest :func:`canary_step` of ``mechanism``.
+        Pass the :func:`canary_step` of another mechanism to audit a step that does not
+        do what is accounted.
       chunk: runs vmapped at once (memory ∝ chunk × batch size × H × W).
     """
     if isinstance(runs, bool) or not isinstance(runs, numbers.Integral) or runs < 4:
         raise ValueError(f"runs must be an integer >= 4 (runs per world), got {runs!r}.")
-    p_star = inclusion_probability(image_shape, crop, patch)
-    claim = lambda relation: float(accounting.epsilon(noise_multiplier, 1, delta, sampling=sampling, relation=relation))
     if step is None:
-        step = canary_step(crop=crop, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                           expected_batch_size=sampling.expected_batch_size)
-    without, with_canary, _ = canary_datasets(image_shape, crop, patch, sampling.dataset_size)
+        step = canary_step(mechanism)
+    sampling = mechanism.sampling
+    without, with_canary, _ = canary_datasets(mechanism.image_shape, mechanism.crop, mechanism.patch,
+                                              sampling.dataset_size)
     scores_0, scores_1 = audit_scores(step, (without, with_canary), sampling, runs=runs, key=key, seed=seed,
                                       chunk=chunk)
-    bound = epsilon_lower_bound(scores_0, scores_1, delta, confidence=confidence)
-    return AuditResult(bound, claim(accounting.PatchLevel(p_star)), claim(accounting.ImageLevel()),
-                       p_star)
+    bound = epsilon_lower_bound(scores_0, scores_1, mechanism.delta, confidence=confidence)
+    claim = lambda accounting: float(mechanism.replace(accounting=accounting).epsilon(1))
+    return AuditResult(bound, claim("patch"), claim("image"), mechanism.inclusion_probability)

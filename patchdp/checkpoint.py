@@ -5,7 +5,7 @@ A checkpoint is one folder per step, ``<directory>/<step>/``, holding
 - ``state``: the :class:`~patchdp.training.TrainState` pytree (parameters, optimizer
   state, step count), as arrays;
 - ``meta``: a JSON object the training loop fills with everything else it needs to
-  continue exactly — the step, the privacy setting, the privacy ledger (the secret seeds
+  continue exactly — the step and the privacy ledger with its mechanism (the secret seeds
   stay in the run directory's ``secrets.json``).
 
 Atomic: orbax writes each step into a temporary folder and renames it only once every

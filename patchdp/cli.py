@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 import warnings
@@ -28,6 +27,7 @@ from pathlib import Path
 from patchdp import _validation, accounting, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
 from patchdp.inclusion import CropSpec, image_hw, inclusion_map, inclusion_probability
+from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling
 
 # Defaults of the accounting verbs: the paper's Cityscapes setting (docs/method.md, "Settings to check against") with
@@ -107,11 +107,12 @@ def _add_setting_arguments(p: argparse.ArgumentParser, accounting_args: bool = T
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _setting(args) -> dict:
-    sampling = _sampling(args)
-    return dict(image_shape=image_hw(_validation.size("--image-size", args.image_size)), crop=_crop_spec(args),
-                patch=parse_patch(args.patch), sampling=sampling, steps=_steps(args, sampling),
-                delta=args.delta, resolution=args.resolution)
+def _mechanism(args, noise_multiplier: float) -> DPSGD:
+    """The mechanism the accounting verbs describe. ε does not depend on the clip norm
+    (z is in units of C), so C = 1 stands for any."""
+    return DPSGD(sampling=_sampling(args), clip_norm=1.0, noise_multiplier=noise_multiplier, delta=args.delta,
+                 crop=_crop_spec(args), image_shape=image_hw(_validation.size("--image-size", args.image_size)),
+                 patch=parse_patch(args.patch), resolution=args.resolution)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -119,26 +120,24 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _describe(setting: dict, args) -> list[tuple[str, str]]:
-    crop = setting["crop"]
+def _describe(mechanism: DPSGD, steps: int, args) -> list[tuple[str, str]]:
+    crop = mechanism.crop
     sizes = ", ".join(f"{h}x{w}" + (f" ({p:g})" if len(crop.sizes) > 1 else "")
                       for (h, w), p in zip(crop.sizes, crop.probabilities))
     return [
-        ("image", "x".join(map(str, setting["image_shape"]))),
+        ("image", "x".join(map(str, mechanism.image_shape))),
         ("crop", f"{sizes}, padding {crop.padding}, K = {crop.crops_per_example}"),
-        ("patch", f"{setting['patch'].name} ({setting['patch'].area} px)"),
+        ("patch", f"{mechanism.patch.name} ({mechanism.patch.area} px)"),
         ("sampling", f"{args.sampling}, batch {args.batch_size} of {args.dataset_size}"),
-        ("steps T", f"{setting['steps']}"),
-        ("delta", f"{setting['delta']:g}"),
+        ("steps T", f"{steps}"),
+        ("delta", f"{mechanism.delta:g}"),
     ]
 
 
-def _print(result: dict, rows, as_json: bool, notes: dict | None = None) -> None:
-    """The table, or strict JSON: the values ``notes`` explains (∞, undefined) are null,
-    and ``notes`` says why, by key."""
+def _print(result: dict, rows, as_json: bool) -> None:
+    """The table, or strict JSON (a value that does not exist is null, with
+    ``<key>_reason`` beside it: :func:`patchdp.report.strict`)."""
     if as_json:
-        if notes:
-            result = {**{k: None if k in notes else v for k, v in result.items()}, "notes": notes}
         print(json.dumps(result, allow_nan=False))
     else:
         print(_table(rows))
@@ -171,46 +170,34 @@ def _warn_if_no_amplification(p_star: float, image, crop: CropSpec) -> None:
               "so cropping gives no amplification; use a smaller crop or more padding.")
 
 
-def _epsilon_notes(r: dict) -> dict:
-    """Why ε or the ratio is not a finite number, by key (empty when all are)."""
-    notes = {f"epsilon_{level}": f"∞ (δ = {r['delta']:g} is not reachable: raise the noise or δ, or take fewer steps)"
-             for level in ("patch", "image", "add_remove") if math.isinf(r[f"epsilon_{level}"])}
-    if not math.isfinite(r["epsilon_ratio"]):
-        notes["epsilon_ratio"] = f"n/a: ε patch-level is {'∞' if math.isinf(r['epsilon_patch']) else 0}"
-    return notes
-
-
 def cmd_privacy(args) -> None:
-    setting = _setting(args)
-    r = report.privacy_report(noise_multiplier=args.noise, **setting)
-    _warn_if_no_amplification(r["inclusion_probability"], setting["image_shape"], setting["crop"])
-    notes = _epsilon_notes(r)
-    rows = _describe(setting, args) + [
-        ("noise multiplier z", f"{args.noise:g}  (noise std = z · clip norm)"),
-        ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
-        ("q   (sampling rate)", f"{r['sampling_rate']:.6g}"),
-        ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
-        (report.LABELS["epsilon_patch"], notes.get("epsilon_patch", f"{r['epsilon_patch']:.4f}")),
-        (report.LABELS["epsilon_image"], notes.get("epsilon_image", f"{r['epsilon_image']:.4f}")),
-        ("ratio image / patch (substitution)", notes.get("epsilon_ratio", f"{r['epsilon_ratio']:.2f}x")),
-        (report.LABELS["epsilon_add_remove"], notes.get("epsilon_add_remove", f"{r['epsilon_add_remove']:.4f}")),
-    ]
-    _print(r, rows, args.json, notes)
+    mechanism = _mechanism(args, args.noise)
+    steps = _steps(args, mechanism.sampling)
+    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
+    ledger = mechanism.ledger()
+    ledger.step(steps)  # the planned steps, recorded in a ledger of their own: the report reads ledgers
+    privacy = report.privacy_comparison(ledger)
+    _print({"mechanism": mechanism.to_dict(), **privacy}, _describe(mechanism, steps, args)
+           + report.privacy_rows(privacy), args.json)
 
 
 def cmd_calibrate(args) -> None:
-    setting = _setting(args)
-    r = report.noise_report(target_epsilon=args.epsilon, **setting)
-    _warn_if_no_amplification(r["inclusion_probability"], setting["image_shape"], setting["crop"])
-    rows = _describe(setting, args) + [
+    mechanism = _mechanism(args, 1.0)
+    steps = _steps(args, mechanism.sampling)
+    _warn_if_no_amplification(mechanism.inclusion_probability, mechanism.image_shape, mechanism.crop)
+    needed = report.noise_comparison(mechanism, args.epsilon, steps)
+    if needed["noise_multiplier_patch"] is None:
+        raise CliError(needed["noise_multiplier_patch_reason"])
+    rows = _describe(mechanism, steps, args) + [
         ("target ε", f"{args.epsilon:g}"),
-        ("p*  (crop hits patch)", f"{r['inclusion_probability']:.6g}"),
-        ("w = q·p*", f"{r['effective_sampling_rate']:.6g}"),
-        ("noise z, patch-level", f"{r['noise_multiplier_patch']:.4f}"),
-        ("noise z, image-level", f"{r['noise_multiplier_image']:.4f}"),
-        ("ratio image / patch", f"{r['noise_ratio']:.2f}x"),
+        ("p*  (crop hits patch)", f"{mechanism.inclusion_probability:.6g}"),
+        ("w = q·p*", f"{mechanism.effective_sampling_rate:.6g}"),
+        ("noise z, patch-level", report.shown(needed, "noise_multiplier_patch", ".4f")),
+        ("noise z, image-level", report.shown(needed, "noise_multiplier_image", ".4f")),
+        ("ratio image / patch", f"{report.shown(needed, 'noise_ratio', '.2f')}x"),
     ]
-    _print(r, rows, args.json)
+    _print({"inclusion_probability": mechanism.inclusion_probability,
+            "effective_sampling_rate": mechanism.effective_sampling_rate, **needed}, rows, args.json)
 
 
 def cmd_inclusion(args) -> None:
@@ -273,24 +260,9 @@ def cmd_train(args) -> None:
 def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
     rows = list(extra)
     rows += [(name, f"{value:.4f}") for name, value in result["scores"].items()]
-    p, same = result["privacy"], result["same_epsilon"]
     rows.append(("steps", f"{result['steps']} of {result['steps_planned']} ({result['stop_reason']})"))
-    if p is not None:
-        how = f", calibrated by {result['accounting']}-level accounting" if result["noise_calibrated"] else ""
-        shown = report.shown
-        rows += [
-            ("noise multiplier z", f"{report.noise_runs_text(p)}  (noise std = z · clip norm{how})"),
-            ("p*, q, w = q·p*", f"{p['inclusion_probability']:.4g}, {p['sampling_rate']:.4g}, "
-                                f"{p['effective_sampling_rate']:.4g}"),
-            (f"{report.LABELS['epsilon_patch']}  (δ = {p['delta']:.3g})", shown(p, "epsilon_patch", ".3f")),
-            (f"{report.LABELS['epsilon_image']}, same noise",
-             f"{shown(p, 'epsilon_image', '.3f')}  ({shown(p, 'epsilon_ratio', '.1f')}x)"),
-            (f"{report.LABELS['epsilon_add_remove']}, same noise", shown(p, "epsilon_add_remove", ".3f")),
-            *([(f"{report.LABELS['epsilon_gaussian_augmentation']}, TV = {p['augmentation_tv']:.4g}",
-                 shown(p, "epsilon_gaussian_augmentation", ".3f"))] if "epsilon_gaussian_augmentation" in p else []),
-            (f"noise image-level DP needs for ε = {shown(p, 'epsilon_patch', '.3g')}",
-             f"z = {shown(same, 'noise_multiplier_image', '.3f')}  ({shown(same, 'noise_ratio', '.2f')}x the noise)"),
-        ]
+    if result["privacy"] is not None:
+        rows += report.privacy_rows(result["privacy"], result["same_epsilon"], how=report.noise_origin(result))
     rows += [("warning", warning) for warning in result["warnings"]]
     rows += [("seed", result["seed"]), ("run directory", result["run_dir"] + "  (report.md, PNGs, checkpoints, "
                                                          "secrets.json: do not share; see patchdp.export)")]
@@ -352,12 +324,13 @@ def cmd_audit(args) -> None:
     from patchdp.audit import audit
     from patchdp.sampling import SamplingSeed
 
-    crop = CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
-                    crops_per_example=args.crops_per_example)
-    r = audit(image_shape=image_hw(_validation.size("--image-size", args.image_size)), crop=crop,
-              patch=parse_patch(args.patch), noise_multiplier=args.noise, delta=args.delta, runs=args.runs,
-              sampling=FixedSizeSampling(dataset_size=args.dataset_size, batch_size=args.batch_size),
-              key=jax.random.key(args.seed), seed=SamplingSeed.fixed(args.seed))
+    mechanism = DPSGD(sampling=FixedSizeSampling(dataset_size=args.dataset_size, batch_size=args.batch_size),
+                      clip_norm=1.0, noise_multiplier=args.noise, delta=args.delta,
+                      crop=CropSpec(_validation.size("--crop", args.crop), padding=args.padding,
+                                    crops_per_example=args.crops_per_example),
+                      image_shape=image_hw(_validation.size("--image-size", args.image_size)),
+                      patch=parse_patch(args.patch))
+    r = audit(mechanism, runs=args.runs, key=jax.random.key(args.seed), seed=SamplingSeed.fixed(args.seed))
     result = {"epsilon_audited": r.bound.epsilon, "confidence": r.bound.confidence,
               "epsilon_patch": r.epsilon_patch, "epsilon_image": r.epsilon_image,
               "inclusion_probability": r.inclusion_probability, "runs_per_world": args.runs, "flagged": r.flagged}

@@ -33,10 +33,11 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from patchdp import bookkeeping
+from patchdp import bookkeeping, program
 
-__all__ = ["GradStats", "per_example_grads", "per_example_norms", "clip_per_example",
-           "clipped_grad_sum", "validate_clip_norm", "validate_clipping", "example_loss", "CLIPPING"]
+__all__ = ["GradStats", "Schedule", "per_example_grads", "per_example_norms", "clip_per_example",
+           "clipped_grad_sum", "default_schedule", "example_bytes", "validate_clip_norm", "validate_clipping",
+           "example_loss", "CLIPPING"]
 
 CLIPPING = ("auto", "per_example") + bookkeeping.METHODS
 
@@ -57,6 +58,76 @@ class GradStats(NamedTuple):
     valid: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+
+
+class Schedule(NamedTuple):
+    """How a logical batch is processed (:func:`default_schedule`).
+
+    Attributes:
+      microbatch_size: examples per physical microbatch (divides the batch size).
+      unroll: True: the microbatch loop unrolled; False: ``lax.scan``.
+      basis: one line saying why (for the run's report: ``schedule._asdict()``).
+    """
+
+    microbatch_size: int
+    unroll: bool
+    basis: str
+
+
+CPU_MICROBATCH = 8  # fastest measured on XLA:CPU (benchmarks/README.md): per-example work stays in cache
+MAX_UNROLLED = 16  # unrolled copies compile one by one: bounds compile time
+MEMORY_FRACTION = 0.5  # of an accelerator's memory, for one microbatch's activations and gradients
+
+
+def default_schedule(batch_size: int, *, platform: str | None = None, example_bytes: int | None = None,
+                     memory_bytes: int | None = None) -> Schedule:
+    """The microbatch schedule used when none is given: a cost model, no tuning.
+
+    - CPU: microbatches of about 8 examples, the loop unrolled: on XLA:CPU the private
+      and the non-private step were both fastest so (0.76–0.94 of the whole batch's time
+      on U-Net and ResNet-18, benchmarks/README.md), and a ``lax.scan`` loop makes
+      backward passes 10–20× slower there. At most 16 unrolled copies (compile time
+      grows with them): the smallest divisor of B that is ≥ max(8, B / 16).
+    - Accelerators: the whole batch in one pass (their throughput grows with the batch)
+      with ``lax.scan``, unless ``example_bytes`` × B exceeds half of ``memory_bytes``:
+      then the largest divisor of B that fits.
+
+    Args:
+      batch_size: B, the logical batch.
+      platform: "cpu", "gpu", "tpu", …; default ``jax.default_backend()``.
+      example_bytes: estimated bytes one example needs (:func:`example_bytes`); None: no
+        memory limit applied.
+      memory_bytes: the device's memory; default its ``bytes_limit`` where JAX reports one.
+
+    The clipped sum does not depend on the schedule (up to float32 summation order).
+    """
+    platform = platform or jax.default_backend()
+    divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+    if platform == "cpu":
+        micro = min(d for d in divisors if d >= min(batch_size, max(CPU_MICROBATCH, -(-batch_size // MAX_UNROLLED))))
+        return Schedule(micro, True, f"cpu: microbatches of ~{CPU_MICROBATCH} (measured fastest), unrolled, "
+                                     f"≤ {MAX_UNROLLED} copies")
+    if memory_bytes is None:
+        memory_bytes = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if example_bytes is None or memory_bytes is None:
+        return Schedule(batch_size, False, f"{platform}: whole batch (no memory estimate)")
+    fitting = [d for d in divisors if d * example_bytes <= MEMORY_FRACTION * memory_bytes]
+    micro = max(fitting, default=1)
+    return Schedule(micro, False, f"{platform}: largest divisor of the batch whose estimated "
+                                  f"{micro * example_bytes / 2**20:.0f} MiB fit in half of "
+                                  f"{memory_bytes / 2**30:.1f} GiB")
+
+
+def example_bytes(loss_fn: Callable, params: PyTree, view: PyTree, views: int = 1) -> int:
+    """A memory estimate for one example with ``views`` views: every value its loss's
+    program computes (all kept for the backward pass, in the worst case) twice (the
+    value and its gradient), per view, plus one copy of the parameters (its per-example
+    gradient, in the worst case). ``view`` and ``params``: arrays or shapes."""
+    traced = program.trace(loss_fn, params, view)
+    values = sum(math.prod(a.shape) * a.dtype.itemsize for a in traced.avals.values() if hasattr(a, "shape"))
+    weights = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(
+        jax.eval_shape(lambda tree: tree, params)))
+    return 2 * views * values + weights
 
 
 def example_loss(loss_fn: Callable) -> Callable:
@@ -119,14 +190,15 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
       clip_norm: C > 0; or None for the non-private baseline: the gradient of the
         masked loss sum, with no per-example gradients, no clipping, and non-finite
         losses left in (as in ordinary training).
-      microbatch_size: examples per physical microbatch; must divide B. Default B.
+      microbatch_size: examples per physical microbatch; must divide B. Default: the
+        cost model :func:`default_schedule` (with ``unroll`` from it too, unless given).
         Microbatch j holds examples j, j + n, j + 2n, … (n = B / microbatch_size), so a
         batch sharded over devices in contiguous blocks gives every device a share of
         every microbatch.
       unroll: True unrolls the microbatch loop in Python, False uses ``lax.scan``.
         Default: unroll on CPU, where rolled loops make backward passes 10–20× slower
         (measured), and scan on accelerators, where it keeps the program small and
-        peak memory at one microbatch.
+        peak memory at one microbatch (:func:`default_schedule`).
       clipping: how per-example norms and the clipped sum are computed, all exact:
         ``"auto"`` book-keeping with the cheapest method per layer
         (:func:`patchdp.bookkeeping.choose_method`); ``"direct"``, ``"unfold"`` or
@@ -144,12 +216,21 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
     size = jax.tree.leaves(examples)[0].shape[0]
     if mask is None:
         mask = jnp.ones(size, bool)
-    micro = size if microbatch_size is None else microbatch_size
-    if isinstance(micro, bool) or not isinstance(micro, numbers.Integral) or micro < 1 or size % micro:
+    micro = microbatch_size
+    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, numbers.Integral) or micro < 1
+                              or size % micro):
         raise ValueError(f"microbatch_size must be a positive divisor of the batch size {size}, "
                          f"got {microbatch_size!r}; pad the batch or pick a divisor.")
     validate_clip_norm(clip_norm)
     validate_clipping(clipping)
+    first = jax.tree.map(lambda x: x[0], examples)
+    shapes = jax.eval_shape(views, first) if views is not None else first
+    view = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes)
+    count_views = jax.tree.leaves(shapes)[0].shape[0]
+    if micro is None:
+        estimate = None if jax.default_backend() == "cpu" else example_bytes(loss_fn, params, view, count_views)
+        schedule = default_schedule(size, example_bytes=estimate)
+        micro, unroll = schedule.microbatch_size, schedule.unroll if unroll is None else unroll
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
     if clip_norm is None:
@@ -157,12 +238,8 @@ def clipped_grad_sum(loss_fn: Callable, params: PyTree, examples: PyTree, mask: 
     elif clipping == "per_example":
         accumulate = lambda chunk: _private_sum(loss_fn, params, chunk, clip_norm)
     else:
-        first = jax.tree.map(lambda x: x[0], examples)
-        shapes = jax.eval_shape(views, first) if views is not None else first
-        view = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes)
-        layers = bookkeeping.find_layers(loss_fn, params, view, method=clipping,
-                                         views=jax.tree.leaves(shapes)[0].shape[0])
-        accumulate = lambda chunk: _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm)
+        plan = bookkeeping.find_layers(loss_fn, params, view, method=clipping, views=count_views)
+        accumulate = lambda chunk: _bookkeeping_sum(plan, params, chunk, clip_norm)
     one = accumulate if views is None else lambda chunk: accumulate((jax.vmap(views)(chunk[0]), chunk[1]))
     count = size // micro
     if count == 1:
@@ -217,9 +294,9 @@ def _private_sum(loss_fn, params, chunk, clip_norm):
     return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
 
 
-def _bookkeeping_sum(loss_fn, params, layers, chunk, clip_norm):
+def _bookkeeping_sum(plan, params, chunk, clip_norm):
     examples, mask = chunk
-    total, losses, norms = bookkeeping.clipped_sum(loss_fn, params, layers, examples, mask, clip_norm)
+    total, losses, norms = bookkeeping.clipped_sum(plan, params, examples, mask, clip_norm)
     return total, _stats(losses, mask, jnp.isfinite(norms), norms > clip_norm)
 
 

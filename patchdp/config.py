@@ -39,6 +39,7 @@ import numpy as np
 
 from patchdp import _validation
 from patchdp.inclusion import CropSpec, Patch
+from patchdp.mechanism import CLIPPING
 
 __all__ = ["Config", "config_path", "parse_patch", "parse_value", "CONFIG_DIR"]
 
@@ -46,7 +47,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTINGS = ("patch", "image", "gaussian_augmentation")
-CLIPPING = ("auto", "per_example", "direct", "unfold", "ghost")  # patchdp.clipping.CLIPPING, without importing jax
 NORMALIZATIONS = ("unit", "imagenet")
 
 

@@ -119,6 +119,17 @@ class CropSpec:
         object.__setattr__(self, "crops_per_example", _validation.integer("crops_per_example", crops_per_example))
         object.__setattr__(self, "output_size", _validation.size("output size", output_size))
 
+    def to_dict(self) -> dict:
+        """Plain JSON that :meth:`from_dict` turns back into this crop distribution."""
+        return {"sizes": [list(s) for s in self.sizes], "probabilities": list(self.probabilities),
+                "padding": self.padding, "crops_per_example": self.crops_per_example,
+                "output_size": list(self.output_size)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "CropSpec":
+        state = dict(state)
+        return cls([tuple(s) for s in state.pop("sizes")], **state)
+
     def offset_ranges(self, image_shape) -> tuple[tuple[int, int], ...]:
         """Number of possible (row, column) offsets, |U| = rows · cols, for each crop size.
 
@@ -164,6 +175,25 @@ class Patch:
         mask.flags.writeable = False
         object.__setattr__(self, "mask", mask)
 
+    def __eq__(self, other) -> bool:
+        """Patches are equal when their masks are (the name is a label)."""
+        return isinstance(other, Patch) and self.mask.shape == other.mask.shape and bool(
+            (self.mask == other.mask).all())
+
+    def __hash__(self) -> int:
+        return hash((self.mask.shape, self.mask.tobytes()))
+
+    def to_dict(self) -> dict:
+        """Plain JSON: the name and the mask as rows of "0"/"1" (:meth:`from_dict`)."""
+        return {"name": self.name, "mask": ["".join("1" if v else "0" for v in row) for row in self.mask]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Patch":
+        rows = state["mask"]
+        if not isinstance(rows, list) or not all(isinstance(r, str) and set(r) <= {"0", "1"} for r in rows):
+            raise ValueError(f"a saved patch mask must be a list of '0'/'1' rows, got {rows!r}.")
+        return cls(np.array([[c == "1" for c in row] for row in rows], bool), state["name"])
+
     @property
     def shape(self) -> tuple[int, int]:
         """(height, width) of the bounding box in pixels."""
@@ -183,8 +213,10 @@ class Patch:
         return cls(np.asarray(mask), name)
 
     @classmethod
-    def rectangle(cls, height: int, width: int | None = None) -> "Patch":
-        h, w = _validation.size("patch size", (height, height if width is None else width))
+    def rectangle(cls, height, width: int | None = None) -> "Patch":
+        """A ``height × width`` rectangle: ``rectangle(10)``, ``rectangle(3, 5)`` or
+        ``rectangle((3, 5))``, as :class:`CropSpec` takes sizes."""
+        h, w = _validation.size("patch size", height if width is None else (height, width))
         return cls(np.ones((h, w), bool), f"rect{h}x{w}")
 
     @classmethod

@@ -4,20 +4,20 @@
 :mod:`patchdp.accounting` computes, per step (``steps=1``) or composed over a run, as a
 ``dp_accounting.pld.PrivacyLossDistribution`` built with public constructors only::
 
-    pld = interop.privacy_loss_distribution(z, steps, sampling=s, relation=PatchLevel(p))
+    pld = interop.privacy_loss_distribution(mechanism, steps)   # mechanism: a patchdp.DPSGD
     total = pld.compose(other)          # e.g. a Gaussian release, same relation and grid
     total.get_epsilon_for_delta(1e-5)
 
 The export is never tighter than patchdp's own answer: a single step's connect-the-dots
 PLD is exported as it is (it has no rounding error), and a composed PLD's FFT rounding
-allowance (:mod:`patchdp.accounting`, section "composition") is carried pessimistically
+allowance (:mod:`patchdp.accounting.composition`) is carried pessimistically
 as extra mass at ε = +∞ (see :func:`_to_pmf`). To compose in dp_accounting, every PLD
 must use the same grid: pass ``value_discretization_interval=resolution`` to its
-constructors. Every mechanism composed with it must be analysed under the same neighbour
-relation (for patch level: one image changing inside one patch region).
+constructors (the mechanism's ``resolution``). Every mechanism composed with it must be
+analysed under the same neighbour relation (for patch level: one image changing inside one patch region).
 
-DpEvent. For :class:`~patchdp.accounting.AddRemove` (Poisson sampling at rate q, add or
-remove one example), :func:`dp_event` returns the standard event
+DpEvent. For add/remove accounting (``DPSGD(accounting="add_remove")``: Poisson sampling
+at rate q, add or remove one example), :func:`dp_event` returns the standard event
 ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), T)``: that IS the
 mechanism, so dp_accounting's RDP and PLD accountants bound it by their own proofs.
 
@@ -58,12 +58,16 @@ import numpy as np
 from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from patchdp import _validation, accounting
+from patchdp import _validation
+from patchdp.accounting import queries
+from patchdp.accounting.loss import PLD
+from patchdp.accounting.relations import AddRemove
+from patchdp.mechanism import DPSGD
 
 __all__ = ["privacy_loss_distribution", "dp_event"]
 
 
-def _to_pmf(pld: accounting._PLD) -> pld_pmf.PLDPmf:
+def _to_pmf(pld: PLD) -> pld_pmf.PLDPmf:
     """One of patchdp's PLDs as a dp_accounting PLDPmf that dominates it.
 
     The exact composed masses are probs − d with |d_l| ≤ error_max and ‖d‖₂ ≤ error_l2,
@@ -81,37 +85,32 @@ def _to_pmf(pld: accounting._PLD) -> pld_pmf.PLDPmf:
                               pessimistic_estimate=True)
 
 
-def privacy_loss_distribution(noise_multiplier: float, steps: int = 1, *,
-                              sampling: accounting.Sampling, relation: accounting.Relation,
-                              resolution: float = accounting.DEFAULT_RESOLUTION,
-                              ) -> pld_lib.PrivacyLossDistribution:
-    """The PLD of ``steps`` DP-SGD steps at noise multiplier z (noise std / clip norm)
-    under the relation, as a ``dp_accounting.pld.PrivacyLossDistribution`` on the grid
-    of spacing ``resolution`` (nats).
+def privacy_loss_distribution(mechanism: DPSGD, steps: int = 1) -> pld_lib.PrivacyLossDistribution:
+    """The PLD of ``steps`` steps of ``mechanism`` under its accounting, as a
+    ``dp_accounting.pld.PrivacyLossDistribution`` on the mechanism's grid (spacing
+    ``mechanism.resolution`` nats).
 
     Substitution relations give a symmetric PLD (the switching pair's one profile, whose
-    negative losses are the add branch); :class:`~patchdp.accounting.AddRemove` gives the
-    remove and add pairs. Its ``get_epsilon_for_delta`` is ≥ :func:`patchdp.accounting.epsilon`
-    and its ``get_delta_for_epsilon`` ≥ :func:`patchdp.accounting.delta` (equal for one
-    step; above by at most the numerical floor for a composition). Validation is that
-    of :func:`patchdp.accounting.epsilon`.
+    negative losses are the add branch); add/remove gives the remove and add pairs. Its
+    ``get_epsilon_for_delta`` is ≥ ``mechanism.epsilon(steps)`` and its
+    ``get_delta_for_epsilon`` ≥ the mechanism's δ(ε) (equal for one step; above by at
+    most the numerical floor for a composition).
     """
-    plds = accounting._composed(noise_multiplier, steps, sampling, relation, resolution)
+    plds = queries.composed(mechanism.noise_multiplier, steps, mechanism.sampling, mechanism.relation,
+                            mechanism.resolution)
     return pld_lib.PrivacyLossDistribution(*map(_to_pmf, plds))
 
 
-def dp_event(noise_multiplier: float, steps: int, *, sampling: accounting.Sampling,
-             relation: accounting.Relation) -> dp_accounting.DpEvent:
-    """The dp_accounting event of ``steps`` DP-SGD steps, for the add/remove relation
-    with Poisson sampling only (see the module docstring for why the substitution
-    relations have none: use :func:`privacy_loss_distribution` for them)."""
-    if not isinstance(relation, accounting.AddRemove):
+def dp_event(mechanism: DPSGD, steps: int) -> dp_accounting.DpEvent:
+    """The dp_accounting event of ``steps`` steps of ``mechanism``, for add/remove
+    accounting with Poisson sampling only (see the module docstring for why the
+    substitution relations have none: use :func:`privacy_loss_distribution` for them)."""
+    if not isinstance(mechanism.relation, AddRemove):
         raise ValueError(
-            f"no standard DpEvent provably bounds {type(relation).__name__} (the switching substitution "
+            f"no standard DpEvent provably bounds {type(mechanism.relation).__name__} (the switching substitution "
             "pair; see patchdp.interop's docstring): use interop.privacy_loss_distribution(...) and "
             "compose it in dp_accounting instead.")
-    rate = accounting.effective_sampling_rate(sampling, relation)  # validates: Poisson only
-    z = accounting._check_noise(noise_multiplier)
     steps = _validation.integer("steps", steps)
-    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
+    event = dp_accounting.PoissonSampledDpEvent(mechanism.effective_sampling_rate,
+                                                dp_accounting.GaussianDpEvent(mechanism.noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(event, steps)

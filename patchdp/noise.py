@@ -24,29 +24,29 @@ every device.)
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from patchdp import _validation
+
 __all__ = ["add_noise", "gaussian_noise", "noisy_mean", "validate_noise"]
 
 
 def validate_noise(noise_multiplier, clip_norm, expected_batch_size=1.0) -> None:
-    """Raises ValueError unless z ≥ 0 is finite, z > 0 comes with a clip norm C (the
-    noise is z·C), and the expected batch size is positive and finite."""
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real) \
-            or not 0 <= noise_multiplier < math.inf:
-        raise ValueError(f"noise_multiplier (z, noise std / C) must be a finite number >= 0, "
-                         f"got {noise_multiplier!r}.")
-    if noise_multiplier > 0 and clip_norm is None:
-        raise ValueError("noise_multiplier > 0 needs a clip_norm: the noise std is z·C and only "
-                         "clipped gradients have bounded sensitivity.")
-    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real) \
-            or not 0 < expected_batch_size < math.inf:
-        raise ValueError(f"expected_batch_size must be a positive finite number (B for fixed-size "
-                         f"batches, q·N for Poisson sampling), got {expected_batch_size!r}.")
+    """Raises ValueError, in one line naming the value, unless z ≥ 0 is finite, C is a
+    finite number > 0 (or None, only with z = 0: the noise is z·C), and the expected batch
+    size is positive and finite (the shared checks of :mod:`patchdp._validation`)."""
+    z = _validation.noise_multiplier(noise_multiplier)
+    if clip_norm is None:
+        if z > 0:
+            raise ValueError("noise_multiplier > 0 needs a clip_norm: the noise std is z·C and only "
+                             "clipped gradients have bounded sensitivity.")
+    else:
+        _validation.clip_norm(clip_norm)
+    _validation.number("expected_batch_size (B for fixed-size batches, q·N for Poisson sampling)",
+                       expected_batch_size, 0, math.inf, low_open=True)
 
 
 def add_noise(key: jax.Array, grad_sum, *, noise_multiplier: float, clip_norm: float | None):

@@ -54,7 +54,8 @@ from scipy import stats
 
 from patchdp import _validation
 
-__all__ = ["BatchOverflowError", "FixedSizeSampling", "IndexBatch", "PoissonSampling", "Sampling", "SamplingSeed"]
+__all__ = ["BatchOverflowError", "FixedSizeSampling", "IndexBatch", "PoissonSampling", "Sampling", "SamplingSeed",
+           "sampling_from_dict"]
 
 
 class BatchOverflowError(RuntimeError):
@@ -112,6 +113,10 @@ class _Scheme:
 
     rate: float
 
+    def to_dict(self) -> dict:
+        """Plain JSON: ``{"type": <class name>, <fields>}`` (:func:`sampling_from_dict`)."""
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
     def steps_for_epochs(self, epochs: float) -> int:
         """Steps that make ``epochs`` passes over the data in expectation: ceil(epochs / q)."""
         epochs = _validation.number("epochs", epochs, 0, math.inf, low_open=True)
@@ -153,7 +158,7 @@ class FixedSizeSampling(_Scheme):
 
     def sample(self, seed: SamplingSeed, step: int) -> IndexBatch:
         """Batch ``step``: B distinct indices, mask all True."""
-        return _draw(seed.generator(step), self.dataset_size, self.batch_size, self.batch_size)
+        return _draw(seed.generator(_step(step)), self.dataset_size, self.batch_size, self.batch_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -216,7 +221,7 @@ class PoissonSampling(_Scheme):
 
         Raises BatchOverflowError if the batch exceeds ``padded_size``.
         """
-        rng = seed.generator(step)
+        rng = seed.generator(_step(step))
         count = int(rng.binomial(self._size(), self.rate))
         if count > self.padded_size:
             raise BatchOverflowError(
@@ -228,6 +233,21 @@ class PoissonSampling(_Scheme):
 
 
 Sampling = Union[FixedSizeSampling, PoissonSampling]
+
+
+def sampling_from_dict(state) -> Sampling:
+    """The scheme that ``to_dict`` wrote; ValueError naming an unknown type."""
+    state = dict(state)
+    kinds = {"FixedSizeSampling": FixedSizeSampling, "PoissonSampling": PoissonSampling}
+    name = state.pop("type", None)
+    if name not in kinds:
+        raise ValueError(f"unknown sampling type {name!r}; expected one of {', '.join(kinds)}.")
+    return kinds[name](**state)
+
+
+def _step(step) -> int:
+    """A step index: an integer >= 0."""
+    return _validation.integer("step (index of the batch to draw)", step, 0)
 
 
 def _tail_quantile(n: int, q: float, bound: float) -> int:

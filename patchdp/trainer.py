@@ -1,22 +1,27 @@
 """The training loop: a :class:`~patchdp.config.Config` in, a trained model and a privacy
-report out.
+report out. (Over 500 lines: plan, seeds, evaluation, loop and outputs; the run
+directory and the task pieces are to move to modules of their own, issue 22.)
 
-    config ─► plan (pure: p*, q, w, planned steps T, δ, noise z — calibrated if asked)
+    config ─► plan (pure: the mechanism — sampling, crops, p*, C, z calibrated if asked, δ —
+                 and the planned steps T)
+           ─► ledger = mechanism.ledger(budget); train_step = make_train_step(..., ledger.mechanism)
            ─► for t = start … T − 1:
                   stop if one more step would exceed the ε budget      (Ledger.can_step, O(1))
                   batch t  = dataset[sampling.sample(seed, t)]         (loaded one step ahead)
                   state    = train_step(state, batch, fold_in(key, t)) (crop, clip, noise once)
-                  ledger.step(z)
+                  ledger.step()
                   log · refresh ε · evaluate · checkpoint
            ─► final evaluation, report (JSON + Markdown), plots
 
 **Exact resumption.** Batch t and the key of step t are pure functions of the run's
-seeds and t (:class:`Seeds`), so a checkpoint needs only the train state, the privacy
-setting and the ledger (which holds the sampling scheme), and the run directory the seeds; a
+seeds and t (:class:`Seeds`), so a checkpoint needs only the train state and the ledger
+(which holds the mechanism, :class:`patchdp.DPSGD`), and the run directory the seeds; a
 resumed run computes exactly the steps an uninterrupted run with the same seeds would
 have. Resuming checks the checkpoint against the config first and refuses, in one line,
-any change the ledger cannot account for (crop, patch, sampling, dataset size,
-accounting, δ, budget, clip norm); a changed noise multiplier is composed by the ledger.
+each difference between the config's mechanism and the checkpoint's that the ledger
+cannot account for (crop, patch, sampling, dataset size, accounting, δ, budget, clip
+norm, clipping); a changed noise multiplier is composed by the ledger
+(:meth:`~patchdp.accounting.Ledger.change_noise`).
 
 **Nothing is written before the run is accepted**: the config, the dataset, the plan and
 any checkpoint to resume are all checked first, so a refused command leaves an existing
@@ -68,15 +73,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from patchdp import accounting, metrics, plots, report, sampling
+from patchdp import accounting, clipping, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
 from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher, get_dataset
 from patchdp.events import EventWriter
-from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probability
+from patchdp.inclusion import inclusion_map
+from patchdp.mechanism import DPSGD
 from patchdp.models import IMAGENET_MEAN, IMAGENET_STD, get_model, load_params, merge_params
 from patchdp.progress import Progress
-from patchdp.training import Batch, TrainState, gaussian_pixel_noise, make_train_step, replicate, shard_batch
+from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
 
 __all__ = ["Plan", "Seeds", "RunDirectoryError", "make_plan", "train", "load_dataset", "make_loss", "make_optimizer"]
 
@@ -96,80 +102,53 @@ class Plan:
     """Everything the loop derives from the config and the training set before step 0.
 
     Attributes:
-      image_shape: (H, W, C) of the training images.
-      crop, patch: the crop distribution and the protected region.
-      sampling: the sampling scheme (``patchdp.sampling``): it draws the batches and
-        gives the accountant its rate q.
-      relation: what is protected (``patchdp.accounting``).
-      inclusion_probability: p*; sampling_rate: q.
+      mechanism: the DP-SGD mechanism (:class:`patchdp.DPSGD`): sampling, crops, patch,
+        clip norm, noise multiplier z (calibrated if the config gives a target ε), pixel
+        noise, accounting, δ. The step and the ledger are both built from it.
       steps: T, the planned number of steps.
-      delta: δ.
-      noise_multiplier: z, the noise std in units of the clip norm.
       budget: the ε (at δ) training may not exceed, or None.
     """
 
-    image_shape: tuple[int, int, int]
-    crop: CropSpec
-    patch: Patch
-    sampling: sampling.Sampling
-    relation: accounting.Relation
-    inclusion_probability: float
+    mechanism: DPSGD
     steps: int
-    delta: float
-    noise_multiplier: float
     budget: float | None
-
-    @property
-    def sampling_rate(self) -> float:
-        return self.sampling.rate
 
 
 def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, int], *, devices: int = 1) -> Plan:
     """The plan for training ``config`` on ``dataset_size`` images of ``image_shape``
-    over ``devices`` devices; calibrates z when the config gives a target ε.
+    over ``devices`` devices; calibrates z when the config gives no noise multiplier.
 
     Raises ValueError when the crop does not fit the image, the batch does not fit the
     dataset, the microbatch / device count does not divide the batch, or δ > 1/N (a
     mechanism publishing a random example in the clear satisfies δ = 1/N).
     """
-    crop, patch = config.crop_spec, config.patch_shape
-    p_star = inclusion_probability(image_shape, crop, patch)
-    n, rate = dataset_size, config.batch_size / dataset_size
+    n = dataset_size
     if config.batch_size > n:
         raise ValueError(f"config: batch_size {config.batch_size} exceeds the {n} training examples.")
     if config.sampling == "fixed":
         scheme = sampling.FixedSizeSampling(batch_size=config.batch_size, dataset_size=n)
     else:
-        scheme = sampling.PoissonSampling(rate=rate, dataset_size=n,
+        scheme = sampling.PoissonSampling(rate=config.batch_size / n, dataset_size=n,
                                           multiple_of=(config.microbatch_size or 1) * devices)
     for divisor, what in ((config.microbatch_size, "microbatch_size"), (devices, "the number of devices")):
         if divisor and scheme.padded_size % divisor:
             raise ValueError(f"config: {what} ({divisor}) must divide the batch of {scheme.padded_size} slots; "
                              "change batch_size or microbatch_size.")
-    relation = {"patch": lambda: accounting.PatchLevel(p_star), "image": accounting.ImageLevel,
-                "gaussian_augmentation": lambda: gaussian_augmentation(config, image_shape)}[config.accounting]()
     steps = config.steps or scheme.steps_for_epochs(config.epochs)
     delta = config.delta if config.delta is not None else 0.1 / n
     if delta > 1 / n:
         raise ValueError(f"config: delta {delta:g} exceeds 1/N = {1 / n:.3g} for N = {n} training examples, so it "
                          "would allow publishing examples in the clear; set delta to at most 1/N (the paper's "
                          "choice), better well below it (unset: 0.1/N).")
-    z = config.noise_multiplier
-    if z is None:
-        z = accounting.calibrate_noise(config.target_epsilon, delta, steps, sampling=scheme,
-                                       relation=relation, resolution=config.resolution)
-    return Plan(image_shape=tuple(image_shape), crop=crop, patch=patch,
-                sampling=scheme, relation=relation, inclusion_probability=p_star, steps=steps,
-                delta=delta, noise_multiplier=float(z), budget=config.target_epsilon)
-
-
-def gaussian_augmentation(config: Config, image_shape: tuple[int, int, int]) -> accounting.GaussianAugmentation:
-    """The comparator relation of ``accounting = "gaussian_augmentation"``: pixel noise
-    σ_aug = ``config.augmentation_noise`` and patch sensitivity Δ = sqrt(patch area ·
-    channels)·255, the most the patch can change an image in L2 (pixel units). No credit
-    is taken for the crops: w = q·TV alone."""
-    sensitivity = math.sqrt(config.patch_shape.area * image_shape[2]) * 255.0
-    return accounting.GaussianAugmentation(config.augmentation_noise, sensitivity)
+    fields = dict(sampling=scheme, clip_norm=config.clip_norm, delta=delta, crop=config.crop_spec,
+                  image_shape=tuple(image_shape), patch=config.patch_shape, accounting=config.accounting,
+                  augmentation_noise=config.augmentation_noise, clipping=config.clipping,
+                  resolution=config.resolution)
+    if config.noise_multiplier is None:
+        mechanism = DPSGD.calibrated(target_epsilon=config.target_epsilon, steps=steps, **fields)
+    else:
+        mechanism = DPSGD(noise_multiplier=config.noise_multiplier, **fields)
+    return Plan(mechanism=mechanism, steps=steps, budget=config.target_epsilon)
 
 
 # ============================================================================ randomness
@@ -319,15 +298,14 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     train_set, eval_set = load_dataset(config, config.train_split), load_dataset(config, config.eval_split)
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if jax.device_count() > 1 else None
     plan = make_plan(config, len(train_set), train_set.image_shape, devices=jax.device_count())
-    if plan.inclusion_probability >= 1:
+    mechanism = plan.mechanism
+    if mechanism.inclusion_probability >= 1:
         warnings.warn(NO_AMPLIFICATION, stacklevel=2)
     run_dir = Path(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     model = get_model(config.model, train_set.num_classes, **config.model_options)
     optimizer = make_optimizer(config)
     evaluator = make_evaluator(model, eval_set.num_classes, config.input_normalization)
-    ledger = accounting.Ledger(sampling=plan.sampling, relation=plan.relation, delta=plan.delta,
-                               budget_epsilon=plan.budget, resolution=config.resolution)
-    setting = _privacy_setting(config, plan)
+    ledger = mechanism.ledger(budget_epsilon=plan.budget)
     seeds = Seeds.create(config.seed)
     state = _initial_state(model, optimizer, seeds, plan, config.pretrained)
     start = 0
@@ -338,7 +316,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             raise ValueError(f"{run_dir} already holds the checkpoints of a run; resume it (--resume {run_dir}) "
                              "or choose another run directory.")
         state, meta = checkpoints.restore(state)
-        ledger = _resumable_ledger(meta, setting, ledger, run_dir)
+        ledger = _resumable_ledger(meta, plan, run_dir)
         seeds, start = _read_secrets(run_dir), meta["step"]
 
     with _writing(run_dir, ledger):  # the run is accepted: from here on it writes its directory
@@ -347,23 +325,22 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
         if start == 0:
             _write_secrets(run_dir, seeds)
         checkpoints = checkpoints or Checkpointer(checkpoint_dir)
-        step_fn = make_train_step(
-            make_loss(model, train_set.task, config.input_normalization), optimizer,
-            clip_norm=config.clip_norm, noise_multiplier=plan.noise_multiplier,
-            expected_batch_size=plan.sampling.expected_batch_size, crop=plan.crop, flip=config.flip,
-            label_fill=IGNORE_LABEL, microbatch_size=config.microbatch_size, mesh=mesh, clipping=config.clipping,
-            augment=None if config.augmentation_noise is None else gaussian_pixel_noise(config.augmentation_noise))
+        schedule = _schedule(config, mechanism.sampling.padded_size // jax.device_count())
+        step_fn = make_train_step(  # the ledger's mechanism: the one its next steps are recorded for
+            make_loss(model, train_set.task, config.input_normalization), optimizer, ledger.mechanism,
+            flip=config.flip, label_fill=IGNORE_LABEL, microbatch_size=schedule.microbatch_size,
+            unroll=schedule.unroll, mesh=mesh)
         log = _MetricsLog(run_dir / "metrics.jsonl", EventWriter(run_dir / "tensorboard") if config.tensorboard else None)
         log.keep_until(start)
         if mesh is not None:
             state = replicate(state, mesh)
 
         def checkpoint(step, state):
-            meta = {"step": step, "setting": setting, "ledger": ledger.to_dict()}
+            meta = {"step": step, "ledger": ledger.to_dict()}
             checkpoints.save(step, state, meta)
 
         def load(step):
-            chosen = plan.sampling.sample(seeds.sampling, step)
+            chosen = mechanism.sampling.sample(seeds.sampling, step)
             data = train_set.get_batch(chosen.indices)
             batch = Batch(data["image"], data["label"], chosen.mask)
             return shard_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
@@ -376,13 +353,13 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
             console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             return scores, confusion
 
-        step_key, z = seeds.step_keys(), plan.noise_multiplier
+        step_key, z = seeds.step_keys(), ledger.mechanism.noise_multiplier
         stop_reason = "completed"
         console = Progress(plan.steps, start, enabled=progress, budget=plan.budget, description=f"DP-SGD z={z:.3g}")
         console.compiling()
         with Prefetcher(load, range(start, plan.steps)) as batches:
             for t in range(start, plan.steps):
-                if plan.budget is not None and not ledger.can_step(z):
+                if plan.budget is not None and not ledger.can_step():
                     stop_reason = "budget"
                     break
                 try:
@@ -392,7 +369,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
                     console.write(f"patchdp: {error}")
                     break
                 state, step_metrics = step_fn(state, batch, step_key(t))
-                ledger.step(z)
+                ledger.step()
                 done = t + 1
                 values, epsilon = {}, None
                 if done % config.log_every == 0 or done == plan.steps:
@@ -416,9 +393,17 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
         scores, confusion = run_eval(steps_taken, state.params)
         result = final_report(config, plan, ledger, stop_reason=stop_reason, scores=scores,
                               secure=seeds.sampling.secure, seconds=time.perf_counter() - started)
-        result["run_dir"] = str(run_dir)
+        result["run_dir"], result["schedule"] = str(run_dir), schedule._asdict()
         _write_outputs(run_dir, result, plan, log.read(), evaluator, state.params, eval_set, config, confusion)
         return result
+
+
+def _schedule(config: Config, device_batch: int) -> clipping.Schedule:
+    """The config's microbatches (unroll by platform), else the cost model's
+    (:func:`patchdp.clipping.default_schedule`) for ``device_batch`` examples per device."""
+    if config.microbatch_size is None:
+        return clipping.default_schedule(device_batch)
+    return clipping.Schedule(config.microbatch_size, jax.default_backend() == "cpu", "config: microbatch_size")
 
 
 class RunDirectoryError(OSError):
@@ -439,54 +424,33 @@ def _writing(run_dir: Path, ledger: accounting.Ledger):
 
 
 def _initial_state(model, optimizer, seeds: Seeds, plan: Plan, pretrained: str | None) -> TrainState:
-    h, w = plan.crop.output_size
-    params = jax.jit(model.init)(seeds.init_key(), jnp.zeros((1, h, w, plan.image_shape[2])))["params"]
+    h, w = plan.mechanism.crop.output_size
+    params = jax.jit(model.init)(seeds.init_key(), jnp.zeros((1, h, w, plan.mechanism.image_shape[2])))["params"]
     if pretrained:
         params = merge_params(params, load_params(pretrained))
     return TrainState.create(params, optimizer)
 
 
-# Config keys the steps already taken were accounted (or cropped and clipped) under.
-PRIVACY_KEYS = ("crop", "crop_probabilities", "output_size", "padding", "crops_per_example", "patch",
-                "batch_size", "sampling", "clip_norm", "accounting", "delta", "target_epsilon", "resolution",
-                "augmentation_noise")
-
-
-def _privacy_setting(config: Config, plan: Plan) -> dict:
-    """What the guarantee of the steps taken rests on, besides the ledger and the noise:
-    the config's crop, patch, sampling, clip norm, accounting, δ and budget (the sampling
-    scheme, with the dataset size, is in the ledger). Saved in every checkpoint; a resumed
-    run must match it and its ledger."""
-    setting = {key: config.to_dict()[key] for key in PRIVACY_KEYS}
-    setting.update(delta=plan.delta)
-    return json.loads(json.dumps(setting))  # as a checkpoint gives it back: lists, not tuples
-
-
-def _resumable_ledger(meta: dict, setting: dict, ledger: accounting.Ledger, run_dir: Path) -> accounting.Ledger:
-    """The ledger of a checkpoint that a run with ``setting`` and a fresh ``ledger`` may
-    continue; ValueError in one line when the config changed what the ledger cannot
-    represent (anything but the noise multiplier, whose runs the ledger composes: the
-    sampling, relation, δ, budget) or when the checkpoint contradicts itself."""
-    without_runs = lambda state: {key: value for key, value in state.items() if key != "runs"}
-    saved = _flat({**meta.get("setting", {}), "ledger": without_runs(meta["ledger"])})
-    now = _flat(json.loads(json.dumps({**setting, "ledger": without_runs(ledger.to_dict())})))
-    changed = [f"{key} {saved.get(key)!r} → {value!r}" for key, value in now.items() if saved.get(key) != value]
+def _resumable_ledger(meta: dict, plan: Plan, run_dir: Path) -> accounting.Ledger:
+    """The ledger of a checkpoint that a run with ``plan`` may continue, its next steps
+    taken at the plan's noise multiplier (a change the ledger composes, made explicit
+    here); ValueError in one line naming each difference when the config changed
+    anything else the steps taken were accounted under (crop, patch, sampling, clip norm,
+    accounting, δ, budget), or when the checkpoint contradicts itself."""
+    saved = meta["ledger"]
+    changed = plan.mechanism.differences(saved.get("mechanism", {}), ignore=("noise_multiplier",))
+    if saved.get("budget_epsilon") != plan.budget:
+        changed.append(f"target_epsilon (budget) {saved.get('budget_epsilon')!r} → {plan.budget!r}")
     if changed:
         raise ValueError(f"cannot resume {run_dir}: the config differs from its checkpoint in {'; '.join(changed)}. "
                          "Steps already taken cannot be re-accounted: restore the run's config.json, or start a new run.")
-    ledger = accounting.Ledger.from_dict(meta["ledger"])
+    ledger = accounting.Ledger.from_dict(saved, plan.mechanism)
     if ledger.steps != meta["step"]:
         raise ValueError(f"cannot resume {run_dir}: its checkpoint is at step {meta['step']} but its ledger records "
                          f"{ledger.steps} steps, so the privacy spent is unknown; start a new run.")
+    if ledger.mechanism.noise_multiplier != plan.mechanism.noise_multiplier:
+        ledger.change_noise(plan.mechanism.noise_multiplier)
     return ledger
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} → {"a.b": 1}."""
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return flat
 
 
 def _write_secrets(run_dir: Path, seeds: Seeds) -> None:
@@ -526,7 +490,7 @@ class _MetricsLog:
 
     def write(self, kind: str, step: int, **values) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(_strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
+            f.write(json.dumps(report.strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
         if self.events is not None:
             self.events.scalars(step, {(kind if key == kind else f"{kind}/{key}"): value for key, value in values.items()
                                        if isinstance(value, (int, float)) and math.isfinite(value)})
@@ -537,33 +501,28 @@ class _MetricsLog:
 
 def final_report(config: Config, plan: Plan, ledger: accounting.Ledger, *, stop_reason: str, scores: dict,
                  secure: bool, seconds: float) -> dict:
-    """The run's report: what was trained, how far, the scores, and the privacy guarantee
-    of the steps the ledger records, each at the noise multiplier it was taken with: ε at
-    δ under patch-level and image-level accounting (:func:`ledger_privacy`), and the
-    constant noise each accounting would need over as many steps for the patch-level ε.
-    With Poisson sampling the guarantee holds at δ + ``delta_overflow`` (T times the
-    per-step overflow probability).
-
-    Strict JSON: a value that does not exist (a ratio to ε = 0, a noise multiplier no
-    search reaches, a non-finite ε) is None, with ``<key>_reason`` saying why.
+    """The run's report: what was trained, how far, the scores, the mechanism, and the
+    privacy guarantee of the steps the ledger records, each at the noise multiplier it
+    was taken with (:func:`patchdp.report.privacy_comparison`), and the constant noise
+    patch- and image-level accounting need over as many steps for the patch-level ε
+    (:func:`patchdp.report.noise_comparison`). Strict JSON.
     """
     privacy = same_epsilon = None
     if ledger.steps:
-        privacy = ledger_privacy(ledger, plan)
-        same_epsilon = _noise_needed(privacy["epsilon_patch"], ledger.steps, plan, ledger.resolution)
-        if isinstance(plan.sampling, sampling.PoissonSampling):  # stopping on overflow costs δ (patchdp.sampling)
-            privacy["delta_overflow"] = ledger.steps * plan.sampling.overflow_probability
-    return _strict({
+        privacy = report.privacy_comparison(ledger)
+        same_epsilon = report.noise_comparison(ledger.mechanism, privacy["epsilon_patch"], ledger.steps)
+    return report.strict({
         "config": config.to_dict(),
         "model": config.model, "dataset": config.dataset,
         "accounting": config.accounting,
+        "mechanism": ledger.mechanism.to_dict(),
         "steps_planned": plan.steps, "steps": ledger.steps, "stop_reason": stop_reason,
         "budget_epsilon": plan.budget,
         "noise_calibrated": config.noise_multiplier is None,
         "seed": "secure (OS entropy)" if secure else f"fixed ({config.seed}): reproducible, NOT secure",
         "secure": secure,
         "secrets": SECRETS_NOTE,
-        "warnings": [NO_AMPLIFICATION] if plan.inclusion_probability >= 1 else [],
+        "warnings": [NO_AMPLIFICATION] if plan.mechanism.inclusion_probability >= 1 else [],
         "scores": scores,
         "privacy": privacy,
         "same_epsilon": same_epsilon,
@@ -571,136 +530,15 @@ def final_report(config: Config, plan: Plan, ledger: accounting.Ledger, *, stop_
     })
 
 
-def ledger_privacy(ledger: accounting.Ledger, plan: Plan) -> dict:
-    """ε at the ledger's δ for the steps it records, in runs of (z, count), under
-    patch-level and image-level (substitution) accounting and under add/remove with
-    Poisson sampling at the same rate (:data:`patchdp.report.LABELS`): the run's own
-    accounting is the ledger's ε, the others replay the same runs in ledgers of their own.
-
-    Keys: inclusion_probability (p*), sampling_rate (q), effective_sampling_rate (w),
-    noise_runs ([[z, count], ...]), noise_multiplier (z, or None when it changed), steps,
-    delta, epsilon_patch, epsilon_image, epsilon_ratio (image / patch), epsilon_add_remove;
-    for a Gaussian-augmentation run also augmentation_tv (TV, its w is q·TV) and
-    epsilon_gaussian_augmentation (the run's own guarantee, no credit for the crops).
-    """
-    runs = ledger.to_dict()["runs"]
-
-    def epsilon_under(relation: accounting.Relation, sampling_view: accounting.Sampling = ledger.sampling) -> float:
-        if relation == ledger.relation and sampling_view == ledger.sampling:
-            return ledger.epsilon()
-        replay = accounting.Ledger(sampling=sampling_view, relation=relation, delta=ledger.delta,
-                                   resolution=ledger.resolution)
-        for z, count in runs:
-            replay.step(z, count)
-        return replay.epsilon()
-
-    p_star = plan.inclusion_probability
-    privacy = {"inclusion_probability": p_star, "sampling_rate": plan.sampling_rate,
-               "effective_sampling_rate": plan.sampling_rate * p_star,
-               "noise_runs": runs, "noise_multiplier": runs[0][0] if len(runs) == 1 else None,
-               "steps": ledger.steps, "delta": ledger.delta,
-               "epsilon_patch": epsilon_under(accounting.PatchLevel(p_star)),
-               "epsilon_image": epsilon_under(accounting.ImageLevel())}
-    add_remove = report.add_remove_setting(ledger.sampling)
-    privacy["epsilon_add_remove"] = epsilon_under(add_remove["relation"], add_remove["sampling"])
-    if isinstance(plan.relation, accounting.GaussianAugmentation):
-        privacy["augmentation_tv"] = plan.relation.amplification
-        privacy["epsilon_gaussian_augmentation"] = epsilon_under(plan.relation)
-    if len(runs) > 1:
-        privacy["noise_multiplier_reason"] = "the noise multiplier changed during the run: see noise_runs"
-    _ratio(privacy, "epsilon_ratio", "epsilon_image", "epsilon_patch")
-    return privacy
-
-
-def _noise_needed(target: float, steps: int, plan: Plan, resolution: float) -> dict:
-    """The constant noise multiplier that patch-level and image-level accounting need
-    for (``target`` ε, δ) in ``steps`` steps; None with a reason where none exists."""
-    needed = {"target_epsilon": target, "steps": steps, "delta": plan.delta}
-    relations = {"patch": accounting.PatchLevel(plan.inclusion_probability), "image": accounting.ImageLevel()}
-    for name, relation in relations.items():
-        key = f"noise_multiplier_{name}"
-        try:
-            needed[key] = accounting.calibrate_noise(target, plan.delta, steps, sampling=plan.sampling,
-                                                     relation=relation, resolution=resolution)
-        except ValueError as error:
-            needed[key], needed[f"{key}_reason"] = None, f"no noise multiplier reaches ε = {target:g}: {error}"
-    _ratio(needed, "noise_ratio", "noise_multiplier_image", "noise_multiplier_patch")
-    return needed
-
-
-def _ratio(section: dict, key: str, numerator: str, denominator: str) -> None:
-    """section[key] = section[numerator] / section[denominator], or None with a reason."""
-    top, bottom = section[numerator], section[denominator]
-    if top is not None and bottom is not None and math.isfinite(top) and math.isfinite(bottom) and bottom > 0:
-        section[key] = top / bottom
-    else:
-        section[key], section[f"{key}_reason"] = None, f"{numerator} / {denominator} is undefined for {top} / {bottom}"
-
-
-def _strict(value):
-    """``value`` with every non-finite float replaced by None and, in a dict,
-    ``<key>_reason`` beside it, so that ``json.dumps(value, allow_nan=False)`` accepts it."""
-    if isinstance(value, dict):
-        strict = {}
-        for key, item in value.items():
-            if isinstance(item, float) and not math.isfinite(item):
-                strict[key], strict[f"{key}_reason"] = None, f"{item} (not a finite number)"
-            else:
-                strict[key] = _strict(item)
-        return strict
-    if isinstance(value, list):
-        return [None if isinstance(item, float) and not math.isfinite(item) else _strict(item) for item in value]
-    return value
-
-
-def markdown(result: dict) -> str:
-    """The report as a Markdown page; a value that does not exist shows its reason."""
-    p, same = result["privacy"], result["same_epsilon"]
-    c = result["config"]
-    lines = [f"# patchdp run: {c['name']}", "",
-             f"{c['model']} on {c['dataset']}, {result['steps']} of {result['steps_planned']} planned steps "
-             f"({result['stop_reason']}), {result['seconds']:.0f} s. Seed: {result['seed']}.", "",
-             *(f"**Warning:** {warning}" for warning in result["warnings"]),
-             f"**Secrets:** {result['secrets']}", "",
-             "| score | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in result["scores"].items()]
-    if p is not None:
-        how = (f"calibrated by {result['accounting']}-level accounting for ε = {result['budget_epsilon']:g}"
-               if result["noise_calibrated"] else "given")
-        lines += ["", f"## Privacy (δ = {p['delta']:.3g}, noise multiplier z = {report.noise_runs_text(p)}, {how})", "",
-                  "| quantity | value |", "|---|---|",
-                  f"| p* (a crop hits the patch) | {p['inclusion_probability']:.6g} |",
-                  f"| q (sampling rate) | {p['sampling_rate']:.6g} |",
-                  f"| w = q·p* (effective sampling rate) | {p['effective_sampling_rate']:.6g} |",
-                  f"| {report.LABELS['epsilon_patch']} | {report.shown(p, 'epsilon_patch', '.4f')} |",
-                  f"| {report.LABELS['epsilon_image']}, same noise | {report.shown(p, 'epsilon_image', '.4f')} |",
-                  f"| {report.LABELS['epsilon_add_remove']}, same noise | "
-                  f"{report.shown(p, 'epsilon_add_remove', '.4f')} |",
-                  *([f"| {report.LABELS['epsilon_gaussian_augmentation']}, TV = {p['augmentation_tv']:.4g} | "
-                     f"{report.shown(p, 'epsilon_gaussian_augmentation', '.4f')} |"]
-                    if "epsilon_gaussian_augmentation" in p else []),
-                  f"| noise z image-level DP needs for ε = {report.shown(p, 'epsilon_patch', '.4g')} | "
-                  f"{report.shown(same, 'noise_multiplier_image', '.4f')} "
-                  f"({report.shown(same, 'noise_ratio', '.2f')}x) |"]
-        if "delta_overflow" in p:
-            lines.append(f"| δ added by stopping on Poisson overflow | {p['delta_overflow']:.3g} |")
-        lines += ["", "Patch-level and image-level ε are for the substitution relation (one image replaced; "
-                  "the paper's comparison). Opacus and jax-privacy report add/remove ε (one image added or "
-                  "removed, Poisson sampling): compare their numbers with the add/remove row."]
-    else:
-        lines += ["", "No step was taken: nothing was released."]
-    return "\n".join(lines) + "\n"
-
-
 def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict], evaluator, params,
                    eval_set: Dataset, config: Config, confusion: np.ndarray) -> None:
     """The figures, then ``report.json`` (with ``per_class``, from the final evaluation's
     ``confusion`` matrix) and ``report.md`` (the report, a per-class table and a link to
     every figure). Adds ``per_class`` to ``result``."""
-    result["per_class"] = _strict(metrics.per_class(confusion, eval_set.class_names))
+    result["per_class"] = report.strict(metrics.per_class(confusion, eval_set.class_names))
     name = f"{config.name}: {config.model} on {config.dataset}"
     figures = {"training curves": plots.training_curves(
-        records, run_dir / "curves.png", title=name, steps=plan.steps, budget=plan.budget, delta=plan.delta,
+        records, run_dir / "curves.png", title=name, steps=plan.steps, budget=plan.budget, delta=plan.mechanism.delta,
         accounting=config.accounting)}
     figures["per-class IoU"] = plots.per_class_bars({k: c["iou"] for k, c in result["per_class"].items()},
                                                     run_dir / "per_class.png", title=f"per-class IoU, step {result['steps']}")
@@ -709,10 +547,11 @@ def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict],
     figures["predictions"] = plots.prediction_grid(
         shown["image"][:OVERLAY_IMAGES], shown["label"][:OVERLAY_IMAGES], predictions[:OVERLAY_IMAGES],
         run_dir / "predictions.png", class_names=eval_set.class_names)
-    title = f"p(t): {plan.patch.name}, crops {plan.crop.sizes[0][0]}x{plan.crop.sizes[0][1]}"
+    m = plan.mechanism
+    title = f"p(t): {m.patch.name}, crops {m.crop.sizes[0][0]}x{m.crop.sizes[0][1]}"
     figures["inclusion probability p(t)"] = plots.inclusion_heatmap(
-        inclusion_map(plan.image_shape, plan.crop, plan.patch), run_dir / "inclusion.png",
-        title=f"{title}, padding {plan.crop.padding}; p* = {plan.inclusion_probability:.4g}")
+        inclusion_map(m.image_shape, m.crop, m.patch), run_dir / "inclusion.png",
+        title=f"{title}, padding {m.crop.padding}; p* = {m.inclusion_probability:.4g}")
     (run_dir / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     counted = "pixels" if eval_set.task == "segmentation" else "images"
     lines = ["", f"## Per class (final evaluation; {counted} labelled as / predicted as the class)", "",
@@ -721,4 +560,4 @@ def _write_outputs(run_dir: Path, result: dict, plan: Plan, records: list[dict],
               for k, c in result["per_class"].items()]
     lines += ["", "## Figures", ""]
     lines += [f"![{caption}]({path.relative_to(run_dir)})\n" for caption, path in figures.items()]
-    (run_dir / "report.md").write_text(markdown(result) + "\n".join(lines) + "\n")
+    (run_dir / "report.md").write_text(report.markdown(result) + "\n".join(lines) + "\n")

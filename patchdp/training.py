@@ -13,8 +13,9 @@
 :func:`private_grad` (the clipped gradient sum of each example's crops, like
 ``jax.grad``) and :func:`patchdp.noise.gaussian_noise` (an optax transformation) are the
 pieces for an own training loop; :func:`make_train_step` composes them into the jitted
-``train_step(state, batch, key)``. The same
-code path with ``clip_norm=None, noise_multiplier=0`` is the non-private baseline.
+``train_step(state, batch, key)`` of a mechanism (:class:`patchdp.DPSGD`), which alone
+holds the crops, clip norm and noise (and, with ``private=False``, gives the non-private
+baseline of the same training).
 
 **Sharding.** With a ``jax.sharding.Mesh`` the examples are sharded over all of its
 devices (:func:`shard_batch`), the state is replicated (:func:`replicate`) or sharded
@@ -53,8 +54,9 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from patchdp import _validation, crops
-from patchdp.clipping import clipped_grad_sum, validate_clip_norm, validate_clipping
+from patchdp.clipping import clipped_grad_sum, validate_clipping
 from patchdp.inclusion import CropSpec
+from patchdp.mechanism import DPSGD
 from patchdp.noise import gaussian_noise
 
 __all__ = ["Batch", "TrainState", "private_grad", "make_train_step", "gaussian_pixel_noise", "linen_loss",
@@ -149,10 +151,13 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
       clip_norm: C > 0; None gives the non-private baseline (plain gradient of the
         loss sum, no per-example gradients).
       microbatch_size: examples per physical microbatch (must divide the batch size);
-        peak memory follows it. Default: the whole batch at once.
+        peak memory follows it. Default: :func:`patchdp.clipping.default_schedule`'s
+        (microbatches of ~8, unrolled, on CPU; the whole batch on accelerators unless it
+        does not fit).
       flip: random horizontal flips after cropping.
       label_fill: label value in the padding of label maps (e.g. an ignore index).
-      unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by backend.
+      unroll: microbatch loop unrolled (True) or ``lax.scan`` (False); default by platform
+        (:func:`patchdp.clipping.default_schedule`).
       augment: optional ``augment(image, key) -> image`` applied to each example's whole
         image (H, W, C), BEFORE cropping, with a key of its own, e.g.
         :func:`gaussian_pixel_noise`. Applied before the crops so that the crops, their
@@ -173,7 +178,8 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
     that contributed zero because their gradient was not finite). They are statistics
     of the private batch, not privatised.
     """
-    validate_clip_norm(clip_norm)
+    if clip_norm is not None:
+        _validation.clip_norm(clip_norm)
     if crop is not None and not isinstance(crop, CropSpec):
         raise ValueError(f"crop must be a patchdp.CropSpec (the one the accountant uses) or None, "
                          f"got {type(crop).__name__}.")
@@ -194,6 +200,7 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
     view_loss = lambda params, view: loss_fn(params, *view)
 
     def grad_fn(params, batch: Batch, key: jax.Array):
+        _check_batch(batch)
         keys = jax.random.split(key, batch.image.shape[0])
         grad_sum, stats = clipped_grad_sum(
             view_loss, params, (keys, batch.image, batch.label), batch.mask, clip_norm=clip_norm,
@@ -205,35 +212,54 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
     return grad_fn
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    clip_norm: float | None, noise_multiplier: float, expected_batch_size: float,
-                    crop: CropSpec | None = None, flip: bool = False, label_fill=0,
-                    microbatch_size: int | None = None, unroll: bool | None = None,
-                    mesh: Mesh | None = None, augment: Augment | None = None,
-                    clipping: str = "auto") -> Callable:
-    """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``:
-    :func:`private_grad`, then :func:`~patchdp.noise.gaussian_noise`, then ``optimizer``.
+def _check_batch(batch: Batch) -> None:
+    """ValueError in one line, naming the shapes, unless image is (B, H, W, C), label has
+    leading axis B and mask (if any) is (B,)."""
+    image, label, mask = (None if x is None else jnp.shape(x) for x in batch)
+    if len(image) != 4 or not label or label[0] != image[0] or (mask is not None and mask != image[:1]):
+        raise ValueError(f"Batch shapes do not fit together: image {image} must be (B, H, W, C), label {label} "
+                         f"must start with B, mask {mask} must be (B,) or None.")
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mechanism: DPSGD, *,
+                    flip: bool = False, label_fill=0, microbatch_size: int | None = None,
+                    unroll: bool | None = None, mesh: Mesh | None = None, private: bool = True) -> Callable:
+    """Builds the jitted DP-SGD step ``train_step(state, batch, key) -> (state, metrics)``
+    of ``mechanism``: :func:`private_grad` with its crops, clip norm, pixel noise and
+    clipping method, then its noise (:meth:`~patchdp.DPSGD.noise`), then ``optimizer``.
+    Nothing privacy-related is given here, so the step cannot disagree with the
+    mechanism's accountant (:meth:`~patchdp.DPSGD.ledger`).
 
     Args:
-      loss_fn, crop, clip_norm, flip, label_fill, microbatch_size, unroll, augment,
-        clipping: as in :func:`private_grad`.
+      loss_fn, flip, label_fill, microbatch_size, unroll: as in :func:`private_grad`.
       optimizer: any optax transformation (SGD, momentum, Adam, ...); the state's
-        ``opt_state`` is this optimizer's (the noise has no state).
-      noise_multiplier: z, noise std in units of C (the accountant's z); 0 for none.
-      expected_batch_size: B for fixed-size batches, q·N for Poisson sampling: the noisy
-        sum is divided by it (use the sampling scheme's ``expected_batch_size``).
+        ``opt_state`` is this optimizer's, ``TrainState.create(params, optimizer)``.
+      mechanism: the :class:`~patchdp.DPSGD` mechanism the step implements.
       mesh: shard examples over all devices of this mesh (data parallelism).
+      private: False builds the NON-private baseline of the same training (the same
+        crops and pixel noise, no clipping, no noise, the summed gradient divided by
+        the expected batch size), for benchmarks and comparisons only.
 
     The step splits ``key`` into a crop key and a noise key; the clipped gradient sum of
-    the batch's crops gets N(0, (z·C)²) once and is divided by ``expected_batch_size``;
-    the result (cast to the parameters' dtypes) goes to ``optimizer``. The state
-    argument is donated: do not reuse it after the call. Metrics: the ``stats`` of
-    :func:`private_grad`.
+    the batch's crops gets N(0, (z·C)²) once and is divided by the expected batch size;
+    the result (cast to the parameters' dtypes) goes to ``optimizer``. The noise is
+    applied as its own transformation rather than ``optax.chain``-ed into ``optimizer``:
+    the chain would change the optimizer-state structure that ``TrainState.create(params,
+    optimizer)`` and saved checkpoints have, for a transformation whose state is empty.
+    The state argument is donated: do not reuse it after the call.
+
+    Metrics (float32 scalars, statistics of the private batch, NOT privatised): ``loss``
+    (mean crop loss over the valid examples with a finite gradient), ``clipped_fraction``
+    (of those, the fraction whose gradient norm exceeded C), ``valid`` (examples in the
+    batch), ``nonfinite`` (examples that contributed zero: gradient not finite).
     """
-    grad_fn = private_grad(loss_fn, crop=crop, clip_norm=clip_norm, microbatch_size=microbatch_size,
-                           flip=flip, label_fill=label_fill, unroll=unroll, augment=augment,
-                           clipping=clipping)
-    noise = gaussian_noise(noise_multiplier, clip_norm, expected_batch_size)
+    if not isinstance(mechanism, DPSGD):
+        raise TypeError(f"make_train_step needs the mechanism, a patchdp.DPSGD(...), got {mechanism!r}.")
+    augment = None if mechanism.augmentation_noise is None else gaussian_pixel_noise(mechanism.augmentation_noise)
+    grad_fn = private_grad(loss_fn, crop=mechanism.crop, clip_norm=mechanism.clip_norm if private else None,
+                           microbatch_size=microbatch_size, flip=flip, label_fill=label_fill, unroll=unroll,
+                           augment=augment, clipping=mechanism.clipping)
+    noise = mechanism.noise() if private else gaussian_noise(0.0, None, mechanism.expected_batch_size)
     data = None if mesh is None else _examples(mesh)
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):

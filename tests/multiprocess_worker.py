@@ -84,8 +84,10 @@ def main():
         mesh, rows = None, list(range(BATCH_SIZE))
         batch = patchdp.Batch(*load_examples(rows))
 
-    step = patchdp.make_train_step(loss, optimizer, clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER,
-                                   expected_batch_size=BATCH_SIZE, crop=crop, flip=True, mesh=mesh)
+    mechanism = patchdp.DPSGD(sampling=patchdp.FixedSizeSampling(batch_size=BATCH_SIZE, dataset_size=BATCH_SIZE),
+                              clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER, delta=1e-5, crop=crop,
+                              accounting="image")
+    step = patchdp.make_train_step(loss, optimizer, mechanism, flip=True, mesh=mesh)
     state, metrics = step(state, batch, jax.random.key(STEP_SEED))
     # Replicated outputs: every process holds the whole result.
     params = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)

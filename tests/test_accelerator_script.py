@@ -61,11 +61,15 @@ def test_quick_run_passes_its_checks_and_writes_json_and_table(tmp_path):
         assert check["unclassified_primitives"] == []
     assert correctness["default_precision_relative_difference"] == 0.0
     arms = results["arms"]
-    assert [row["arm"] for row in arms] == ["non-private", "DP book-keeping", "DP per-example",
+    assert [row["arm"] for row in arms] == ["non-private", "DP book-keeping", "DP default", "DP per-example",
                                             "DP book-keeping, unrolled"]
+    # The stand-in always runs in microbatches of 2 (unrolled on CPU), except where the default
+    # schedule chooses: on CPU microbatches of ~8, here the whole batch of 8.
+    assert [(row["microbatch_size"], row["loop"]) for row in arms] == [(2, "unrolled"), (2, "unrolled"), (8, None),
+                                                                       (8, None), (2, "unrolled")]
     for row in arms:
         assert "error" not in row
-        assert row["microbatch_size"] == 2 and row["loop"] == "unrolled" and row["crop"] == 33
+        assert row["crop"]["sizes"] == [[33, 33]]
         assert row["compile_s"] > 0 and 1 <= len(row["step_s"]) <= 2 and row["step_s_min"] <= row["step_s_median"]
         assert math.isclose(row["images_per_s"], 8 / row["step_s_min"])
         assert row["xla_peak_bytes"] > 0 and row["device_memory"] == "n/a" and row["device_peak_bytes"] is None
@@ -73,8 +77,11 @@ def test_quick_run_passes_its_checks_and_writes_json_and_table(tmp_path):
         assert math.isclose(row["memory_ratio"], row["xla_peak_bytes"] / arms[0]["xla_peak_bytes"])
     assert results["skipped"] == []
     table = (out / "accelerator.md").read_text()
-    assert "| model | arm |" in table and table.count("| deeplabv3plus |") == 4 and "| n/a |" in table
+    assert "| model | arm |" in table and table.count("| deeplabv3plus |") == 5 and "| n/a |" in table
+    assert "| deeplabv3plus | DP default | 8 |" in table and "| deeplabv3plus | non-private | 8 (2, unrolled) |" in table
     assert "- deeplabv3plus: stand-in: U-Net width 4, 1 level" in table
+    assert ("- default schedule of deeplabv3plus / DP default, deeplabv3plus / DP per-example: cpu: microbatches of ~8"
+            in table)
 
 
 def test_arms_that_no_longer_fit_the_budget_are_skipped_and_listed():
@@ -83,8 +90,9 @@ def test_arms_that_no_longer_fit_the_budget_are_skipped_and_listed():
     accelerator.speed(results, True, ["unet"], budget=0.0, started=time.perf_counter(), repeats=1, arm_seconds=1.0,
                       write=lambda: None)
     assert results["arms"] == []
-    assert [row["arm"] for row in results["skipped"]] == ["non-private", "DP book-keeping", "DP per-example",
-                                                          "DP book-keeping, scan", "DP book-keeping, unrolled"]
+    assert [row["arm"] for row in results["skipped"]] == ["non-private", "DP default", "DP book-keeping",
+                                                          "DP per-example", "DP book-keeping, scan",
+                                                          "DP book-keeping, unrolled"]
     assert "Skipped: unet / DP book-keeping, scan" in accelerator.markdown(results)
 
 

@@ -3,7 +3,6 @@ pair, dp_accounting's own PLD composition and its RDP accountant."""
 
 import json
 import math
-from fractions import Fraction
 
 import dp_accounting
 import numpy as np
@@ -13,8 +12,12 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import integrate, stats
 
 from patchdp import accounting as acc
-from patchdp.accounting import (AddRemove, FixedSizeSampling, GaussianAugmentation, ImageLevel,
-                                Ledger, PatchLevel, PoissonSampling)
+from patchdp.accounting import AddRemove, GaussianAugmentation, ImageLevel, Ledger, PatchLevel
+from patchdp.accounting.composition import compose, delta_of, epsilon_of, rounding_allowance, self_compose
+from patchdp.accounting.loss import connect_the_dots, hockey_stick
+from patchdp.inclusion import CropSpec, Patch
+from patchdp.mechanism import DPSGD
+from patchdp.sampling import FixedSizeSampling, PoissonSampling
 
 COARSE = 1e-3  # grid spacing for tests that do not probe the last digits
 
@@ -64,7 +67,7 @@ def test_one_step_profile_matches_numerical_integration(w, z):
     # discretised PLD is exact at grid points and pessimistic between them.
     eps = np.array([0.0, 0.05, 0.3, 1.0, 2.5])
     want = np.array([pair_delta(e, w, z) for e in eps])
-    np.testing.assert_allclose(acc._hockey_stick(eps, w, 2.0 / z), want, rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(hockey_stick(eps, w, 2.0 / z), want, rtol=1e-8, atol=1e-15)
     got = acc.privacy_profile(z, 1, eps, sampling=PoissonSampling(rate=w), relation=ImageLevel())
     assert (got >= want - 1e-12).all()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12)
@@ -73,10 +76,10 @@ def test_one_step_profile_matches_numerical_integration(w, z):
 @pytest.mark.parametrize("w,z", [(0.02, 1.0), (0.3, 0.7)])
 def test_switching_pld_negative_half_is_the_add_pair(w, z):
     # For ε < 0 the one profile must be the "add" branch: Q against P.
-    (pld,) = acc._single_step("substitution", w, z, COARSE)
+    (pld,) = ImageLevel().one_step(w, z, COARSE)
     for eps in [-0.02, -0.2, -1.0]:
         want = pair_delta(eps, w, z, reverse=True)
-        assert acc._delta_of(pld, np.array([eps]))[0] == pytest.approx(want, rel=2e-3, abs=1e-12)
+        assert delta_of(pld, np.array([eps]))[0] == pytest.approx(want, rel=2e-3, abs=1e-12)
     # and a proper distribution: total mass 1, E[e^{-L}] ≤ 1
     assert pld.probs.sum() + pld.infinity_mass == pytest.approx(1, abs=1e-12)
     assert (pld.probs * np.exp(-pld.losses)).sum() <= 1 + 1e-12
@@ -101,19 +104,19 @@ def _to_dp_accounting(pld):
 
 @pytest.mark.parametrize("w,z,steps", [(0.02, 1.0, 300), (0.005, 0.8, 3000), (0.3, 3.0, 20)])
 def test_fft_composition_and_queries_agree_with_dp_accounting(w, z, steps):
-    (one,) = acc._single_step("substitution", w, z, COARSE)
+    (one,) = ImageLevel().one_step(w, z, COARSE)
     # dp_accounting composes the same PLD without a rounding allowance: our masses agree
     # with theirs, and the allowance we add on top moves ε by < 1e-3 relative here.
     theirs = _to_dp_accounting(one).self_compose(steps)
-    ours = acc._self_compose(one, steps)
+    ours = self_compose(one, steps)
     for delta in [1e-3, 1e-5, 1e-8]:
         want = theirs.get_epsilon_for_delta(delta)
-        assert acc._epsilon_of_masses(ours, delta) == pytest.approx(want, rel=1e-5, abs=1e-9)
-        assert want * (1 - 1e-9) <= acc._epsilon_of(ours, delta) <= want * (1 + 1e-3)
+        assert acc.composition._epsilon_of_masses(ours, delta) == pytest.approx(want, rel=1e-5, abs=1e-9)
+        assert want * (1 - 1e-9) <= epsilon_of(ours, delta) <= want * (1 + 1e-3)
     eps = np.array([0.1, 0.5, 1.0, 3.0])
-    allowance = acc._rounding_allowance(ours, eps)
+    allowance = rounding_allowance(ours, eps)
     assert (allowance > 0).all() and (allowance < 1e-9).all()
-    np.testing.assert_allclose(acc._delta_of(ours, eps) - allowance, theirs.get_delta_for_epsilon(eps),
+    np.testing.assert_allclose(delta_of(ours, eps) - allowance, theirs.get_delta_for_epsilon(eps),
                                rtol=1e-6, atol=1e-13)
 
 
@@ -121,11 +124,11 @@ def test_fft_composition_and_queries_agree_with_dp_accounting(w, z, steps):
 def test_connect_the_dots_matches_dp_accounting(w, z):
     # Our discretisation against dp_accounting's public one on the same δ values: the
     # masses (read through its public δ(ε)) agree at and between grid points.
-    deltas = acc._hockey_stick(np.arange(400) * COARSE, w, 2.0 / z)
-    ours = acc._connect_the_dots(deltas, 0, COARSE)
+    deltas = hockey_stick(np.arange(400) * COARSE, w, 2.0 / z)
+    ours = connect_the_dots(deltas, 0, COARSE)
     theirs = pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(COARSE, 0, 399, deltas)
     eps = np.array([-0.5, 0.0, 0.0004, 0.1, 0.2315, 0.399, 0.5])
-    np.testing.assert_allclose(acc._delta_of(ours, eps), theirs.get_delta_for_epsilon(eps), rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(delta_of(ours, eps), theirs.get_delta_for_epsilon(eps), rtol=1e-12, atol=1e-16)
 
 
 @pytest.mark.parametrize("w,z", [(0.01, 1.0), (0.2, 0.6), (1.0, 2.0)])
@@ -133,14 +136,14 @@ def test_add_and_remove_pairs_match_dp_accounting(w, z):
     # The two pairs built from our closed forms against dp_accounting's own
     # Poisson-subsampled Gaussian (its public PrivacyLossDistribution.get_delta_for_epsilon
     # is the max of its two pairs); and each of our pairs against quadrature.
-    remove, add = acc._single_step("add_remove", w, z, COARSE)
+    remove, add = AddRemove().one_step(w, z, COARSE)
     theirs = pld_lib.from_gaussian_mechanism(z, sampling_prob=w, value_discretization_interval=COARSE)
     eps = np.array([0.0, 0.01, 0.3, 1.0, 2.5])
-    ours = np.maximum(acc._delta_of(remove, eps), acc._delta_of(add, eps))
+    ours = np.maximum(delta_of(remove, eps), delta_of(add, eps))
     np.testing.assert_allclose(ours, theirs.get_delta_for_epsilon(eps), rtol=1e-9, atol=1e-15)
     for e in [0.05, 0.3]:
-        assert acc._delta_of(remove, np.array([e]))[0] == pytest.approx(pair_delta(e, w, z, 1.0), rel=1e-3, abs=1e-12)
-        assert acc._delta_of(add, np.array([e]))[0] == pytest.approx(
+        assert delta_of(remove, np.array([e]))[0] == pytest.approx(pair_delta(e, w, z, 1.0), rel=1e-3, abs=1e-12)
+        assert delta_of(add, np.array([e]))[0] == pytest.approx(
             pair_delta(e, w, z, 1.0, reverse=True), rel=1e-3, abs=1e-12)
 
 
@@ -219,31 +222,48 @@ def test_max_steps():
 
 
 def test_ledger_composes_runs_and_answers_budget_questions():
-    kw = dict(sampling=FixedSizeSampling(batch_size=50, dataset_size=5000), relation=PatchLevel(0.25), resolution=COARSE)
-    ledger = Ledger(delta=1e-5, budget_epsilon=6.0, **kw)
+    # A 1x1 crop of a 2x2 image hits a 1x1 patch with p* = 1/4 exactly: w = 0.01 · 1/4.
+    mechanism = DPSGD(sampling=FixedSizeSampling(batch_size=50, dataset_size=5000), clip_norm=1.0,
+                      noise_multiplier=1.0, delta=1e-5, crop=CropSpec(1), image_shape=(2, 2),
+                      patch=Patch.rectangle(1), resolution=COARSE)
+    kw = dict(sampling=mechanism.sampling, relation=PatchLevel(0.25), resolution=COARSE)
+    assert mechanism.relation == kw["relation"]
+    ledger = mechanism.ledger(budget_epsilon=6.0)
     assert ledger.epsilon() == 0.0
-    ledger.step(1.0, 300)
+    ledger.step(300)
     assert ledger.epsilon() == pytest.approx(acc.epsilon(1.0, 300, 1e-5, **kw), rel=1e-12)
     for _ in range(5):
-        ledger.step(1.0)
+        ledger.step()
     assert ledger.steps == 305
-    ledger.step(2.0, 100)
+    ledger.change_noise(2.0)
+    ledger.step(100)
+    assert ledger.runs == ((1.0, 305), (2.0, 100))
     # Two different noise levels: equals the composition done by hand.
-    by_hand = acc._compose(acc._self_compose(acc._single_step("substitution", 0.0025, 1.0, COARSE)[0], 305),
-                           acc._self_compose(acc._single_step("substitution", 0.0025, 2.0, COARSE)[0], 100))
-    assert ledger.epsilon() == pytest.approx(acc._epsilon_of(by_hand, 1e-5), rel=1e-9)
-    left = ledger.remaining_steps(2.0)
+    by_hand = compose(self_compose(ImageLevel().one_step(0.0025, 1.0, COARSE)[0], 305),
+                      self_compose(ImageLevel().one_step(0.0025, 2.0, COARSE)[0], 100))
+    assert ledger.epsilon() == pytest.approx(epsilon_of(by_hand, 1e-5), rel=1e-9)
+    left = ledger.remaining_steps()
     assert left > 0
-    more = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    more = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())), mechanism)
     assert more.epsilon() == ledger.epsilon() and more.steps == ledger.steps
-    more.step(2.0, left)
-    assert more.epsilon() <= 6.0 and not more.can_step(2.0)
-    more.step(2.0)
+    assert more.mechanism.noise_multiplier == 2.0  # the saved latest z, not the given mechanism's
+    more.step(left)
+    assert more.epsilon() <= 6.0 and not more.can_step()
+    more.step()
     assert more.epsilon() > 6.0
 
 
+def test_no_noise_means_no_privacy():
+    # z = 0 is a valid mechanism (a debugging run) whose honest ε is ∞ and δ(ε) = 1.
+    kw = dict(sampling=PoissonSampling(rate=0.1), relation=ImageLevel(), resolution=COARSE)
+    assert acc.epsilon(0, 10, 1e-5, **kw) == math.inf
+    assert (acc.privacy_profile(0.0, 10, [0.0, 5.0], **kw) == 1.0).all()
+    assert acc.max_steps(0.0, 1.0, 1e-5, **kw) == 0
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda: acc.epsilon(0, 10, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "noise_multiplier"),
+    (lambda: acc.epsilon(-1, 10, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "noise_multiplier"),
+    (lambda: acc.epsilon(math.nan, 10, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "noise_multiplier"),
     (lambda: acc.epsilon(1, 0, 1e-5, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "steps"),
     (lambda: acc.epsilon(1, 10, 1.0, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "delta"),
     (lambda: acc.epsilon(1, 10, 0.0, sampling=PoissonSampling(rate=0.1), relation=ImageLevel()), "delta"),
@@ -324,17 +344,17 @@ def test_fft_composition_is_dominated_by_its_error_bounds_in_exact_arithmetic(w,
     # arithmetic: every exact mass is ≤ the float64 mass + error_max, and the whole error
     # vector has 2-norm ≤ error_l2 (module section "composition"). The float64 error is
     # not zero (else this test could not fail), and the bound is not absurdly loose.
-    (one,) = acc._single_step("substitution", w, z, 0.1)  # a coarse grid keeps the exact part fast
+    (one,) = ImageLevel().one_step(w, z, 0.1)  # a coarse grid keeps the exact part fast
     scale = 2 ** 52  # masses rounded to multiples of 2^-52 are exact in float64 and as integers
     rounded = np.round(np.maximum(one.probs, 0) * scale)
     first, last = np.flatnonzero(rounded)[[0, -1]]  # masses below 2^-53 round to 0: trim them
     ints = [int(v) for v in rounded[first:last + 1]]
     pld = one._replace(probs=np.asarray(ints, np.float64) / scale, offset=one.offset + int(first))
-    got = acc._self_compose(pld, steps)
+    got = self_compose(pld, steps)
     # Our FFT is circular over `size` points and read out from index lo: alias the exact
     # linear result the same way.
-    lo, hi = acc._support_bounds(pld, steps, acc._TAIL_MASS)
-    size = acc._fft_length(max(hi - lo + 1, pld.probs.size), pld.step)
+    lo, hi = acc.composition._support_bounds(pld, steps, acc.composition.TAIL_MASS)
+    size = acc.composition._fft_length(max(hi - lo + 1, pld.probs.size), pld.step)
     circular = [0] * size
     for j, c in enumerate(exact_convolution_power(ints, steps)):
         circular[j % size] += c
@@ -345,7 +365,7 @@ def test_fft_composition_is_dominated_by_its_error_bounds_in_exact_arithmetic(w,
     assert np.linalg.norm(errors) <= got.error_l2
     assert got.error_max < 1e4 * np.abs(errors).max()
     # Composition of two different PLDs, the first carrying its own rounding bounds.
-    both = acc._compose(got, pld)
+    both = compose(got, pld)
     exact_both = np.convolve(np.array(window, dtype=object), np.array(ints, dtype=object))
     gaps = exact_minus(exact_both, scale ** (steps + 1), both.probs)
     assert np.abs(gaps).max() <= both.error_max
@@ -358,17 +378,17 @@ def test_another_cpus_rounding_within_the_bounds_cannot_lower_delta():
     # an AVX-512 EPYC whose errors were all of one sign). Take, for several ε, the most
     # harmful such masses: all bins above ε lowered as far as both bounds allow. Their
     # δ(ε), allowance included, must still bound the δ(ε) of ours without allowance.
-    (one,) = acc._single_step("substitution", 1.46e-5, 1.0, acc.DEFAULT_RESOLUTION)
-    ours = acc._self_compose(one, 10 ** 4)
+    (one,) = ImageLevel().one_step(1.46e-5, 1.0, acc.DEFAULT_RESOLUTION)
+    ours = self_compose(one, 10 ** 4)
     bare = ours._replace(error_max=0.0, error_l2=0.0)
     assert ours.error_max > 0 and ours.error_l2 > 0
     for eps in [0.0, 0.05, 0.2, 1.0, 3.0, 6.0]:
         above = ours.losses > eps
         drop = min(ours.error_max, ours.error_l2 / math.sqrt(above.sum()))
         lowest = ours._replace(probs=ours.probs - drop * above)
-        got, want = acc._delta_of(lowest, np.array([eps]))[0], acc._delta_of(bare, np.array([eps]))[0]
+        got, want = delta_of(lowest, np.array([eps]))[0], delta_of(bare, np.array([eps]))[0]
         assert got >= want, (eps, got, want)
-        assert acc._epsilon_of(lowest, want * 1.5) >= acc._epsilon_of(bare, want * 1.5)
+        assert epsilon_of(lowest, want * 1.5) >= epsilon_of(bare, want * 1.5)
 
 
 def test_too_fine_a_grid_is_refused_quickly_with_the_resolution_that_fits():

@@ -13,6 +13,7 @@ from patchdp import accounting
 from patchdp.audit import (AuditResult, audit, audit_ceiling, audit_scores, canary_datasets, canary_step, clopper_pearson,
                            epsilon_lower_bound)
 from patchdp.inclusion import CropSpec, Patch, inclusion_probability
+from patchdp.mechanism import DPSGD
 from patchdp.sampling import FixedSizeSampling, PoissonSampling, SamplingSeed
 
 DELTA = 1e-5
@@ -82,7 +83,8 @@ def test_canary_is_hit_exactly_with_probability_q_times_p_star(sampling):
     by ``inclusion_probability``; nothing else changes."""
     crop, patch = CropSpec(6, padding=2), Patch.rectangle(2, 3)
     without, with_canary, _ = canary_datasets(IMAGE, crop, patch, sampling.dataset_size)
-    step = canary_step(crop=crop, noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=4.0)
+    step = canary_step(DPSGD(sampling=sampling, clip_norm=1.0, noise_multiplier=0.0, delta=DELTA, crop=crop,
+                             image_shape=IMAGE, patch=patch))
     runs = 10_000
     coupled = dict(runs=runs, key=jax.random.key(0), seed=SamplingSeed.fixed(0))
     (s0,), (s1,) = (audit_scores(step, (world,), sampling, **coupled) for world in (without, with_canary))
@@ -95,20 +97,21 @@ def test_canary_is_hit_exactly_with_probability_q_times_p_star(sampling):
 
 
 Z = 2.0
-WHOLE_IMAGE = canary_step(crop=CropSpec(16), noise_multiplier=Z, clip_norm=1.0, expected_batch_size=4.0)
+ACCOUNTED = DPSGD(sampling=FixedSizeSampling(dataset_size=4, batch_size=4), clip_norm=1.0, noise_multiplier=Z,
+                  delta=DELTA, crop=CropSpec(4), image_shape=IMAGE, patch=Patch.rectangle(1))
+WHOLE_IMAGE = canary_step(ACCOUNTED.replace(crop=CropSpec(16)))
 
 
-def _audit(crop, z, *, step, runs=20_000) -> AuditResult:
-    return audit(image_shape=IMAGE, crop=crop, patch=Patch.rectangle(1), noise_multiplier=z, delta=DELTA,
-                 sampling=FixedSizeSampling(dataset_size=4, batch_size=4), runs=runs, key=jax.random.key(3),
-                 seed=SamplingSeed.fixed(3), step=step)
+def _audit(crop, *, step, runs=20_000) -> AuditResult:
+    return audit(ACCOUNTED.replace(crop=crop), runs=runs, key=jax.random.key(3), seed=SamplingSeed.fixed(3),
+                 step=step)
 
 
 def test_honest_step_without_amplification_is_audited_close_to_its_claim():
     """Crop = image (p* = 1), q = 1, z = 2: the step is the Gaussian mechanism with μ = 1,
     ε = 4.38; 2·10^4 runs per world allow at best ~2.17 at δ = 1e-5 (``audit_ceiling``)."""
     runs = 20_000
-    result = _audit(CropSpec(16), Z, step=WHOLE_IMAGE, runs=runs)
+    result = _audit(CropSpec(16), step=WHOLE_IMAGE, runs=runs)
     assert result.inclusion_probability == 1.0
     assert result.epsilon_patch == pytest.approx(accounting.gaussian_mechanism_epsilon(1.0, DELTA), abs=1e-2)
     assert 0.7 * audit_ceiling(Z, 1.0, DELTA, runs) <= result.bound.epsilon <= result.epsilon_patch
@@ -123,8 +126,8 @@ def test_broken_mechanism_is_flagged(broken):
     if broken == "crop ignored":
         step = WHOLE_IMAGE
     else:
-        step = canary_step(crop=crop, noise_multiplier=Z / 2, clip_norm=1.0, expected_batch_size=4.0)
-    result = _audit(crop, Z, step=step)
+        step = canary_step(ACCOUNTED.replace(noise_multiplier=Z / 2))
+    result = _audit(crop, step=step)
     assert result.epsilon_patch == pytest.approx(1.63, abs=0.01)
     assert result.flagged and result.bound.epsilon > result.epsilon_patch + 0.5
 

@@ -19,15 +19,16 @@ from patchdp import accounting as A
 from patchdp.cli import main
 from patchdp.config import Config
 from patchdp.inclusion import CropSpec, Patch, inclusion_map, inclusion_probability
+from patchdp.mechanism import DPSGD
+from patchdp.sampling import FixedSizeSampling
 
 SMALL = ["--image-size", "64", "--crop", "16", "--patch", "rect:4x4", "--batch-size", "32",
          "--dataset-size", "1000", "--steps", "200", "--resolution", "1e-3"]
 NO_STEPS = SMALL[:-4] + SMALL[-2:]
-FIXED = A.FixedSizeSampling(batch_size=32, dataset_size=1000)
+FIXED = FixedSizeSampling(batch_size=32, dataset_size=1000)
 QUICK = dict(sampling=FIXED, resolution=1e-3)
-LEDGER = {"sampling": {"type": "FixedSizeSampling", "batch_size": 32, "dataset_size": 1000},
-          "relation": {"type": "ImageLevel"}, "delta": 1e-5, "budget_epsilon": None,
-          "resolution": 1e-3, "runs": []}
+MECHANISM = DPSGD(sampling=FIXED, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, accounting="image", resolution=1e-3)
+LEDGER = {"mechanism": MECHANISM.to_dict(), "budget_epsilon": None, "runs": []}
 
 
 def make_files(tmp):
@@ -108,8 +109,11 @@ CLI = [
     (["train"], 2, "train needs --config"),
     # legal edge values: a meaningful answer (strict JSON) or one warning line, exit 0
     (["privacy", *SMALL, "--noise", "0.02"], 0, r"ε patch-level, substitution +∞ \(δ = 1e-05 is not reachable"),
-    (["privacy", *SMALL, "--noise", "0.02", "--json"], 0, r'"epsilon_patch": null.*"notes"'),
-    (["privacy", *SMALL, "--delta", "0.5", "--json"], 0, '"epsilon_ratio": null.*patch-level is 0'),
+    (["privacy", *SMALL, "--noise", "-1"], 2, "noise_multiplier .* got -1"),
+    (["privacy", *SMALL, "--noise", "inf"], 2, "noise_multiplier .* got inf"),
+    (["privacy", *SMALL, "--noise", "0.02", "--json"], 0, r'"epsilon_patch": null, "epsilon_patch_reason": "\\u221e'),
+    (["privacy", *SMALL, "--noise", "0", "--json"], 0, r'"epsilon_patch": null, "epsilon_patch_reason": "\\u221e'),
+    (["privacy", *SMALL, "--delta", "0.5", "--json"], 0, '"epsilon_ratio": null.*undefined for .* / 0.0'),
     (["privacy", *SMALL, "--delta", "0.01"], 0, "warning: delta = 0.01 exceeds 1/N = 1/1000"),
     (["calibrate", *SMALL[:-4], "--steps", "10", "--resolution", "1e-2", "--epsilon", "1e6"], 0, "noise z, patch"),
     (["privacy", *SMALL, "--crop", "64"], 0, "warning: p\\* = 1: .*no amplification"),
@@ -129,15 +133,18 @@ API = [
     (lambda: A.calibrate_noise(3, 1e-5, 10, relation="image", **QUICK), TypeError, "relation must be"),
     (lambda: A.max_steps(1, 3, 1e-5, relation=A.PatchLevel, **QUICK), TypeError, "relation must be"),
     (lambda: A.effective_sampling_rate(0.1, A.ImageLevel()), TypeError, "sampling must be .*0.1"),
-    (lambda: A.Ledger(sampling=FIXED, relation=None, delta=1e-5), TypeError, "relation must be .*None"),
+    (lambda: A.Ledger(None), TypeError, "Ledger needs a mechanism such as patchdp.DPSGD"),
     (lambda: A.epsilon("abc", 10, 1e-5, relation=A.ImageLevel(), **QUICK), TypeError, "must be a number, got 'abc'"),
     (lambda: A.epsilon(1, 10, None, relation=A.ImageLevel(), **QUICK), TypeError, "delta must be a number, got None"),
     (lambda: A.epsilon(1e-300, 10, 1e-5, relation=A.ImageLevel(), **QUICK), ValueError, "z = 1e-300 is outside"),
-    (lambda: A.Ledger.from_dict({}), ValueError, "missing sampling, relation"),
-    (lambda: A.Ledger.from_dict([]), ValueError, "not a Ledger state"),
-    (lambda: A.Ledger.from_dict({**LEDGER, "relation": {"type": "Patch"}}), ValueError, "unknown type 'Patch'"),
+    (lambda: A.Ledger.from_dict({}, MECHANISM), ValueError, "missing mechanism, budget_epsilon, runs"),
+    (lambda: A.Ledger.from_dict([], MECHANISM), ValueError, "not a Ledger state"),
+    (lambda: A.Ledger.from_dict({**LEDGER, "mechanism": {**LEDGER["mechanism"], "accounting": "patch"}}, MECHANISM),
+     ValueError, "another mechanism: accounting 'patch' → 'image'"),
+    (lambda: DPSGD.from_dict({**LEDGER["mechanism"], "sampling": {"type": "Batch"}}), ValueError,
+     "unknown sampling type 'Batch'"),
     (lambda: A.epsilon(1, 10, 0.5, relation=A.ImageLevel(), **QUICK), UserWarning, "delta = 0.5 exceeds 1/N"),
-    (lambda: A.Ledger(sampling=FIXED, relation=A.ImageLevel(), delta=0.01), UserWarning, "delta = 0.01 exceeds"),
+    (lambda: MECHANISM.replace(delta=0.01), UserWarning, "delta = 0.01 exceeds"),
     (lambda: Config(noise_multiplier=1, dataset_options={"image_size": "64"}), ValueError, "image_size .* got '64'"),
     (lambda: Config(noise_multiplier=1, model_options={"levels": 2.5}), ValueError, "levels must be an integer"),
 ]

@@ -137,19 +137,21 @@ def test_every_shipped_config_is_listed_here():
 def test_shipped_configs_parse_and_plan(name):
     config = Config.from_toml(config_path(name), {"resolution": 1e-3})
     size, shape = SHIPPED[name]
-    plan = make_plan(config, size, shape)
-    assert 0 < plan.inclusion_probability < 1 and plan.noise_multiplier > 0
+    mechanism = make_plan(config, size, shape).mechanism
+    assert 0 < mechanism.inclusion_probability < 1 and mechanism.noise_multiplier > 0
     if config.target_epsilon is not None:
-        eps = accounting.epsilon(plan.noise_multiplier, plan.steps, plan.delta, sampling=plan.sampling,
-                                 relation=plan.relation, resolution=1e-3)
-        assert eps <= config.target_epsilon
+        steps = make_plan(config, size, shape).steps
+        eps = accounting.epsilon(mechanism.noise_multiplier, steps, mechanism.delta, sampling=mechanism.sampling,
+                                 relation=mechanism.relation, resolution=1e-3)
+        assert eps <= config.target_epsilon and mechanism.epsilon(steps) == eps
 
 
 def test_the_paper_settings():
     cityscapes = make_plan(Config.from_toml(config_path("cityscapes_deeplabv3plus")), 2975, (1024, 2048, 3))
-    assert cityscapes.steps == 1500 and cityscapes.sampling_rate == 200 / 2975  # the paper's ceil(N/B) per epoch
-    assert cityscapes.inclusion_probability == pytest.approx(0.32906, abs=1e-5)
-    assert cityscapes.delta == 1 / 2975
+    mechanism = cityscapes.mechanism
+    assert cityscapes.steps == 1500 and mechanism.sampling_rate == 200 / 2975  # the paper's ceil(N/B) per epoch
+    assert mechanism.inclusion_probability == pytest.approx(0.32906, abs=1e-5)
+    assert mechanism.delta == 1 / 2975
     mnist = Config.from_toml(config_path("mnist_resnet18"))
     assert (mnist.crop, mnist.patch, mnist.batch_size, mnist.epochs, mnist.clip_norm) == \
         (((10, 10),), "rect:1x1", 64, 15.0, 1.0)

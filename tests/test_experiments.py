@@ -100,4 +100,4 @@ def test_paper_configs_parse_at_the_paper_settings(name):
     assert config.batch_size == batch and config.steps == steps
     assert config.delta == pytest.approx(1 / size, rel=1e-12) and config.delta <= 1 / size
     plan = make_plan(config.replace(target_epsilon=None, noise_multiplier=1.0), size, shape)
-    assert plan.steps == steps and 0 < plan.inclusion_probability < 1
+    assert plan.steps == steps and 0 < plan.mechanism.inclusion_probability < 1

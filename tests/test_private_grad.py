@@ -136,8 +136,10 @@ def test_optax_chain_of_the_pieces_is_the_train_step():
     grads, _ = grad_fn(params, batch, crop_key)
     updates, _ = optimizer.update(grads, optimizer.init(params), params, noise_key=noise_key)
     want = optax.apply_updates(params, updates)
-    step = patchdp.make_train_step(loss_fn, optax.adam(lr), clip_norm=C, noise_multiplier=z,
-                                   expected_batch_size=5.0, crop=SPEC)
+    mechanism = patchdp.DPSGD(sampling=patchdp.PoissonSampling(rate=0.005, dataset_size=1000), clip_norm=C,
+                              noise_multiplier=z, delta=1e-4, crop=SPEC, accounting="image")
+    assert mechanism.expected_batch_size == 5.0
+    step = patchdp.make_train_step(loss_fn, optax.adam(lr), mechanism)
     copy = jax.tree.map(jnp.copy, params)
     state, _ = step(patchdp.TrainState.create(copy, optax.adam(lr)), batch, key)
     for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):

@@ -106,13 +106,14 @@ def test_invalid_arguments_are_rejected(make, message):
 
 
 def test_one_object_per_scheme_serves_sampler_and_accountant():
-    from patchdp import accounting
-    assert accounting.FixedSizeSampling is FixedSizeSampling and accounting.PoissonSampling is PoissonSampling
+    import patchdp
+    assert patchdp.FixedSizeSampling is FixedSizeSampling and patchdp.PoissonSampling is PoissonSampling
     fixed = FixedSizeSampling(batch_size=100, dataset_size=10_000)
     assert fixed.rate == 0.01 and fixed.expected_batch_size == 100 and fixed.padded_size == 100
     poisson = PoissonSampling(rate=0.01, dataset_size=10_000)
     assert poisson.expected_batch_size == pytest.approx(100) and poisson.padded_size > 100
     # the accountant composes the same rate the sampler draws with
+    from patchdp import accounting
     kw = dict(relation=accounting.ImageLevel(), resolution=1e-2)
     assert accounting.epsilon(1.0, 10, 1e-5, sampling=fixed, **kw) == accounting.epsilon(
         1.0, 10, 1e-5, sampling=PoissonSampling(rate=0.01), **kw)
@@ -143,11 +144,11 @@ def test_steps_for_epochs_is_ceil_epochs_over_q(rate, epochs, steps):
 
 @pytest.mark.parametrize("scheme", [FixedSizeSampling(batch_size=32, dataset_size=1000),
                                     PoissonSampling(rate=0.03, dataset_size=1000, multiple_of=16)])
-def test_the_ledger_serialises_the_one_scheme_object(scheme):
+def test_the_mechanism_serialises_the_one_scheme_object(scheme):
     import json
-    from patchdp import accounting
-    ledger = accounting.Ledger(sampling=scheme, relation=accounting.ImageLevel(), delta=1e-5, resolution=1e-2)
-    state = json.loads(json.dumps(ledger.to_dict()))
-    restored = accounting.Ledger.from_dict(state).sampling
+    from patchdp.mechanism import DPSGD
+    mechanism = DPSGD(sampling=scheme, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, accounting="image")
+    state = json.loads(json.dumps(mechanism.ledger().to_dict()))
+    restored = DPSGD.from_dict(state["mechanism"]).sampling
     assert restored == scheme and restored.padded_size == scheme.padded_size
     np.testing.assert_array_equal(restored.sample(SEED, 3).indices, scheme.sample(SEED, 3).indices)

@@ -20,13 +20,15 @@ import jax
 import numpy as np
 import pytest
 
-from patchdp import accounting
+from patchdp import accounting, clipping
 from patchdp.checkpoint import Checkpointer
 from patchdp.cli import main
 from patchdp.config import Config
 from patchdp.data import SyntheticScenes
+from patchdp.mechanism import DPSGD
 from patchdp.metrics import confusion_matrix
 from patchdp.metrics import scores as scores_of
+from patchdp.sampling import FixedSizeSampling
 from patchdp.trainer import Seeds, evaluate, make_plan, train
 
 TINY = """
@@ -126,7 +128,8 @@ def budget_run(tmp_path_factory, tiny):
     """Noise z = 1 with a budget that affords 5 of the 12 planned steps."""
     config = Config.from_toml(tiny)
     plan = make_plan(config, 32, (16, 16, 3))
-    eps = [accounting.epsilon(1.0, t, 1e-5, sampling=plan.sampling, relation=plan.relation, resolution=1e-3)
+    m = plan.mechanism
+    eps = [accounting.epsilon(1.0, t, 1e-5, sampling=m.sampling, relation=m.relation, resolution=1e-3)
            for t in (5, 6)]
     budget = (eps[0] + eps[1]) / 2
     run_dir = tmp_path_factory.mktemp("budget")
@@ -138,6 +141,9 @@ def test_training_stops_before_a_step_would_exceed_the_budget(budget_run):
     assert report["steps"] == 5 and report["stop_reason"] == "budget" and report["steps_planned"] == 12
     assert report["privacy"]["epsilon_patch"] == pytest.approx(eps[0]) and eps[0] <= budget < eps[1]
     assert report["privacy"]["noise_multiplier"] == 1.0
+    # no microbatch_size in the config: the cost model's schedule, recorded
+    schedule = report["schedule"]
+    assert schedule["microbatch_size"] == clipping.default_schedule(8).microbatch_size and schedule["basis"]
 
 
 def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
@@ -151,6 +157,7 @@ def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
     assert len(events) == 1 and events[0].stat().st_size > 100
     saved = json.loads((run_dir / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
+    assert DPSGD.from_dict(saved["mechanism"]).epsilon(saved["steps"]) == saved["privacy"]["epsilon_patch"]
     for key in ("inclusion_probability", "sampling_rate", "effective_sampling_rate", "epsilon_patch", "epsilon_image",
                 "epsilon_add_remove"):
         assert key in saved["privacy"]
@@ -160,7 +167,7 @@ def test_the_run_directory_holds_the_report_and_the_plots(budget_run):
     assert set(saved["scores"]) == {"miou", "pixel_accuracy"} and "NOT secure" in saved["seed"]
     markdown = (run_dir / "report.md").read_text()
     for text in ("ε patch-level, substitution", "ε image-level, substitution (paper's baseline)",
-                 "ε image-level, add/remove + Poisson (Opacus/jax-privacy)", "p*", "w = q·p*", "miou"):
+                 "ε image-level, add/remove + Poisson (Opacus/jax-privacy)", "p*", "w (effective sampling rate)", "miou"):
         assert text in markdown
     kinds = {r["kind"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert kinds == {"train", "epsilon", "eval"}
@@ -213,7 +220,7 @@ def test_demo_trains_and_prints_the_table(capsys, tmp_path):
     out = capsys.readouterr().out
     for text in ("wall time", "miou", "ε patch-level, substitution", "ε image-level, substitution (paper's baseline), "
                  "same noise", "ε image-level, add/remove + Poisson (Opacus/jax-privacy), same noise",
-                 "noise image-level DP needs"):
+                 "noise z image-level DP needs"):
         assert text in out
     assert (tmp_path / "report.md").exists()
 
@@ -230,8 +237,9 @@ def test_seeds():
 def test_plan_defaults_and_errors(tiny):
     config = Config.from_toml(tiny, {"delta": None, "noise_multiplier": None, "target_epsilon": 3.0})
     plan = make_plan(config, 32, (16, 16, 3))
-    assert plan.delta == 0.1 / 32 and plan.budget == 3.0
-    assert accounting.epsilon(plan.noise_multiplier, 12, 0.1 / 32, sampling=plan.sampling, relation=plan.relation,
+    m = plan.mechanism
+    assert m.delta == 0.1 / 32 and plan.budget == 3.0
+    assert accounting.epsilon(m.noise_multiplier, 12, 0.1 / 32, sampling=m.sampling, relation=m.relation,
                               resolution=1e-3) <= 3.0
     with pytest.raises(ValueError, match="delta 0.5 exceeds 1/N = 0.0312 for N = 32 training examples"):
         make_plan(config.replace(delta=0.5), 32, (16, 16, 3))
@@ -291,13 +299,15 @@ def test_a_refused_command_leaves_the_run_directory_as_it_was(finished, tiny, ca
     before = snapshot(run_dir)
     assert main(["train", "--config", str(tiny), "--noise-multiplier", "3", "--run-dir", str(run_dir)]) == 2
     assert "already holds the checkpoints of a run" in capsys.readouterr().err
-    for change, differs in [({"clip_norm": 2.0}, "clip_norm 1.0 → 2.0"), ({"crop": 6}, "crop [[8, 8]] → [[6, 6]]"),
-                            ({"patch": "rect:2x2"}, "patch 'rect:3x3' → 'rect:2x2'"), ({"delta": 1e-6}, "delta 1e-05"),
+    for change, differs in [({"clip_norm": 2.0}, "clip_norm 1.0 → 2.0"),
+                            ({"crop": 6}, "crop.sizes [[8, 8]] → [[6, 6]]"),
+                            ({"patch": "rect:2x2"}, "patch.name 'rect3x3' → 'rect2x2'"), ({"delta": 1e-6}, "delta 1e-05"),
                             ({"accounting": "image"}, "accounting 'patch' → 'image'"),
-                            ({"sampling": "poisson"}, "sampling 'fixed' → 'poisson'"),
-                            ({"target_epsilon": 50.0}, "target_epsilon None → 50.0"),
+                            ({"sampling": "poisson"}, "sampling.type 'FixedSizeSampling' → 'PoissonSampling'"),
+                            ({"target_epsilon": 50.0}, "target_epsilon (budget) None → 50.0"),
+                            ({"clipping": "ghost"}, "clipping 'auto' → 'ghost'"),
                             ({"dataset_options": {"num_examples": 40, "image_size": 16}},
-                             "ledger.sampling.dataset_size 32 → 40")]:
+                             "sampling.dataset_size 32 → 40")]:
         with pytest.raises(ValueError, match=f"cannot resume {run_dir}: the config differs from its checkpoint in") as error:
             train(config.replace(**change), run_dir=run_dir, resume=True, progress=False)
         assert differs in str(error.value) and "\n" not in str(error.value)
@@ -326,10 +336,11 @@ def test_every_epsilon_of_a_resumed_run_is_its_ledgers(finished, tmp_path):
     result = train(config.replace(noise_multiplier=3.0, steps=8), run_dir=run_dir, resume=True, progress=False)
     plan = make_plan(config, 32, (16, 16, 3))
     truth = {}
-    for name, relation in (("patch", plan.relation), ("image", accounting.ImageLevel())):
-        ledger = accounting.Ledger(sampling=plan.sampling, relation=relation, delta=1e-5, resolution=1e-3)
-        ledger.step(1.0, 4)
-        ledger.step(3.0, 4)
+    for name in ("patch", "image"):
+        ledger = plan.mechanism.replace(accounting=name).ledger()
+        ledger.step(4)
+        ledger.change_noise(3.0)
+        ledger.step(4)
         truth[name] = ledger.epsilon()
     privacy = json.loads((run_dir / "report.json").read_text())["privacy"]
     assert privacy["noise_runs"] == [[1.0, 4], [3.0, 4]] and privacy["noise_multiplier"] is None
@@ -338,9 +349,10 @@ def test_every_epsilon_of_a_resumed_run_is_its_ledgers(finished, tmp_path):
     # add/remove with Poisson sampling at the same rate, composed by dp_accounting itself
     add_remove = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
     for z in (1.0, 3.0):
-        add_remove.compose(dp_accounting.PoissonSampledDpEvent(plan.sampling.rate, dp_accounting.GaussianDpEvent(z)), 4)
+        add_remove.compose(dp_accounting.PoissonSampledDpEvent(plan.mechanism.sampling_rate,
+                                                               dp_accounting.GaussianDpEvent(z)), 4)
     assert privacy["epsilon_add_remove"] == pytest.approx(add_remove.get_epsilon(1e-5), rel=1e-3)
-    only_z3 = accounting.epsilon(3.0, 8, 1e-5, sampling=plan.sampling, relation=plan.relation, resolution=1e-3)
+    only_z3 = plan.mechanism.replace(noise_multiplier=3.0).epsilon(8)
     assert truth["patch"] > 1.5 * only_z3  # what the report said before: the config's z times the steps
     epsilons = [r["epsilon"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                 if r["kind"] == "epsilon"]
@@ -441,7 +453,7 @@ def test_a_gaussian_augmentation_run_reports_its_own_guarantee(tiny, tmp_path, c
                                      "checkpoint_every": 0, "tensorboard": False})
     report = train(config, run_dir=tmp_path, progress=False)
     relation = accounting.GaussianAugmentation(sigma, np.sqrt(3 * 3 * 3) * 255)
-    want = accounting.epsilon(1.0, 3, 1e-5, sampling=accounting.FixedSizeSampling(batch_size=8, dataset_size=32),
+    want = accounting.epsilon(1.0, 3, 1e-5, sampling=FixedSizeSampling(batch_size=8, dataset_size=32),
                               relation=relation, resolution=1e-3)
     p = report["privacy"]
     assert report["steps"] == 3 and p["augmentation_tv"] == pytest.approx(relation.amplification)

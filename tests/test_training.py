@@ -17,6 +17,8 @@ from scipy import stats
 
 from patchdp import crops
 from patchdp.inclusion import CropSpec
+from patchdp.mechanism import DPSGD
+from patchdp.sampling import PoissonSampling
 from patchdp.training import Batch, TrainState, linen_loss, make_train_step
 
 CLASSES = 3
@@ -38,6 +40,14 @@ def problem(batch_size=6, seed=0):
     return params, Batch(image, label, mask)
 
 
+def mechanism(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=6.0, **fields) -> DPSGD:
+    """A mechanism whose expected batch size is ``expected_batch_size`` (Poisson sampling
+    of 1000 examples at rate E[B]/1000), accounted at image level."""
+    sampling = PoissonSampling(rate=expected_batch_size / 1000, dataset_size=1000)
+    return DPSGD(sampling=sampling, clip_norm=clip_norm, noise_multiplier=noise_multiplier, delta=1e-4,
+                 accounting="image", **fields)
+
+
 def copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
@@ -45,8 +55,7 @@ def copy(tree):
 def test_step_equals_the_pipeline_written_out_by_hand():
     params, batch = problem()
     clip_norm, lr, expected = 1.7, 0.3, 5.5
-    step = make_train_step(pixel_loss, optax.sgd(lr), clip_norm=clip_norm, noise_multiplier=0.0,
-                           expected_batch_size=expected, crop=SPEC, flip=True)
+    step = make_train_step(pixel_loss, optax.sgd(lr), mechanism(clip_norm, 0.0, expected, crop=SPEC), flip=True)
     key = jax.random.key(42)
     state, metrics = step(TrainState.create(copy(params), optax.sgd(lr)), batch, key)
 
@@ -81,8 +90,7 @@ def test_with_zero_gradients_the_update_is_the_noise_formula():
     z, clip_norm, lr, expected = 2.0, 0.5, 0.1, 12.5
     params = {"w": jnp.zeros((100, 200)), "b": jnp.zeros(7)}
     no_signal = lambda p, image, label: 0.0 * (jnp.sum(p["w"]) + jnp.sum(p["b"])) + jnp.sum(image) * 0
-    step = make_train_step(no_signal, optax.sgd(lr), clip_norm=clip_norm, noise_multiplier=z,
-                           expected_batch_size=expected)
+    step = make_train_step(no_signal, optax.sgd(lr), mechanism(clip_norm, z, expected))
     _, batch = problem()
     state, _ = step(TrainState.create(copy(params), optax.sgd(lr)), batch, jax.random.key(0))
     update = np.concatenate([np.ravel(state.params[k] - params[k]) for k in params])
@@ -95,8 +103,8 @@ def test_with_zero_gradients_the_update_is_the_noise_formula():
 
 def test_deterministic_given_the_key_and_the_state_is_donated():
     params, batch = problem()
-    step = make_train_step(pixel_loss, optax.adam(0.01), clip_norm=1.0, noise_multiplier=1.0,
-                           expected_batch_size=6, crop=SPEC, flip=True, microbatch_size=3)
+    step = make_train_step(pixel_loss, optax.adam(0.01), mechanism(1.0, 1.0, 6, crop=SPEC), flip=True,
+                           microbatch_size=3)
     run = lambda key: step(TrainState.create(copy(params), optax.adam(0.01)), batch, key)
     (a, ma), (b, mb), (c, _) = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
     for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
@@ -112,7 +120,7 @@ def test_deterministic_given_the_key_and_the_state_is_donated():
 def test_the_non_private_baseline_is_the_same_step_without_clipping_or_noise(optimizer):
     params, batch = problem()
     batch = batch._replace(mask=None)
-    step = make_train_step(pixel_loss, optimizer, clip_norm=None, noise_multiplier=0.0, expected_batch_size=6)
+    step = make_train_step(pixel_loss, optimizer, mechanism(1.0, 1.0, 6), private=False)
     state, metrics = step(TrainState.create(copy(params), optimizer), batch, jax.random.key(0))
     mean_loss = lambda p: jnp.mean(jax.vmap(pixel_loss, (None, 0, 0))(p, batch.image, batch.label))
     updates, _ = optimizer.update(jax.grad(mean_loss)(params), optimizer.init(params), params)
@@ -138,8 +146,7 @@ def test_a_flax_linen_model_trains_through_linen_loss():
     image, label = batch.image[0, :4, :4], batch.label[0, :4, :4]
     want = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, image[None])[0], label)
     np.testing.assert_allclose(loss(params, image, label), want.mean(), rtol=1e-6)
-    step = make_train_step(loss, optax.adam(1e-2), clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=6,
-                           crop=SPEC)
+    step = make_train_step(loss, optax.adam(1e-2), mechanism(1.0, 0.5, 6, crop=SPEC))
     state, metrics = step(TrainState.create(copy(params), optax.adam(1e-2)), batch, jax.random.key(1))
     assert np.isfinite(metrics["loss"]) and metrics["valid"] == 5
     assert not np.allclose(state.params["Conv_0"]["kernel"], params["Conv_0"]["kernel"])
@@ -148,8 +155,7 @@ def test_a_flax_linen_model_trains_through_linen_loss():
 def test_a_non_finite_example_contributes_nothing():
     params, batch = problem()
     poisoned = batch._replace(image=batch.image.at[3].set(jnp.nan))
-    kwargs = dict(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=6)
-    step = make_train_step(pixel_loss, optax.sgd(1.0), **kwargs)
+    step = make_train_step(pixel_loss, optax.sgd(1.0), mechanism(1.0, 0.0, 6))
     state, metrics = step(TrainState.create(copy(params), optax.sgd(1.0)), poisoned, jax.random.key(0))
     without = batch._replace(mask=batch.mask.at[3].set(False))
     want, _ = step(TrainState.create(copy(params), optax.sgd(1.0)), without, jax.random.key(0))
@@ -168,34 +174,33 @@ def test_scan_microbatching_keeps_peak_memory_near_one_microbatch():
     batch = Batch(jnp.tile(batch.image, (1, 4, 4, 1)), jnp.tile(batch.label, (1, 4, 4)))
 
     def peak(batch, microbatch_size):
-        step = make_train_step(wide, optax.sgd(0.1), clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=8,
-                               microbatch_size=microbatch_size, unroll=False)
+        step = make_train_step(wide, optax.sgd(0.1), mechanism(1.0, 1.0, 8), microbatch_size=microbatch_size,
+                               unroll=False)
         memory = step.lower(TrainState.create(params, optax.sgd(0.1)), batch, jax.random.key(0)) \
             .compile().memory_analysis()
         return memory.temp_size_in_bytes
 
     small = jax.tree.map(lambda x: x[:8], batch)
-    assert peak(batch, 8) <= 1.2 * peak(small, None)
-    assert peak(batch, None) > 4 * peak(small, None)  # the measurement can tell the difference
+    assert peak(batch, 8) <= 1.2 * peak(small, 8)
+    assert peak(batch, 64) > 4 * peak(small, 8)  # the measurement can tell the difference
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(clip_norm=None, noise_multiplier=1.0, expected_batch_size=4), "needs a clip_norm"),
-    (dict(clip_norm=-1.0, noise_multiplier=1.0, expected_batch_size=4), "clip_norm"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=0), "expected_batch_size"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, microbatch_size=0), "microbatch_size"),
-    (dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, crop=(4, 4)), "CropSpec"),
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: make_train_step(pixel_loss, optax.sgd(0.1), mechanism(), microbatch_size=0), ValueError,
+     "microbatch_size"),
+    (lambda: make_train_step(pixel_loss, optax.sgd(0.1), None), TypeError, "needs the mechanism"),
+    (lambda: mechanism(crop=(4, 4)), TypeError, "CropSpec"),
 ])
-def test_invalid_configurations_are_rejected_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        make_train_step(pixel_loss, optax.sgd(0.1), **kwargs)
+def test_invalid_configurations_are_rejected_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
 
 
 SHARDED = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     sys.path.insert(0, {tests!r})
-    from test_training import SPEC, TrainState, copy, make_train_step, pixel_loss, problem
+    from test_training import SPEC, TrainState, copy, make_train_step, mechanism, pixel_loss, problem
     from patchdp.training import replicate, shard_batch
 
     assert jax.device_count() == 8
@@ -203,8 +208,8 @@ SHARDED = textwrap.dedent("""
     mesh = jax.make_mesh((8,), ("data",))
     outputs = []
     for on_mesh in (None, mesh):
-        step = make_train_step(pixel_loss, optax.adam(0.01), clip_norm=0.3, noise_multiplier=1.0,
-                               expected_batch_size=30.0, crop=SPEC, flip=True, microbatch_size=16, mesh=on_mesh)
+        step = make_train_step(pixel_loss, optax.adam(0.01), mechanism(0.3, 1.0, 30.0, crop=SPEC), flip=True,
+                               microbatch_size=16, mesh=on_mesh)
         state = TrainState.create(copy(params), optax.adam(0.01))
         data = batch
         if on_mesh is not None:

@@ -48,13 +48,17 @@ def batch_loss(model, params, images, labels):
 
 
 def patchdp_step(model, lr, batch_size, microbatch_size):
-    """patchdp's public ``make_train_step``, privately (C = 1, z = 1)."""
+    """patchdp's public ``make_train_step``, privately (C = 1, z = 1, batches of
+    ``batch_size``, no crops)."""
+    from patchdp.mechanism import DPSGD
+    from patchdp.sampling import FixedSizeSampling
     from patchdp.training import Batch, TrainState, linen_loss, make_train_step
 
+    mechanism = DPSGD(sampling=FixedSizeSampling(batch_size=batch_size, dataset_size=batch_size),
+                      clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER, delta=1e-5, accounting="image")
     optimizer = optax.sgd(lr, momentum=MOMENTUM)
     step = make_train_step(linen_loss(model, optax.softmax_cross_entropy_with_integer_labels), optimizer,
-                           clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER,
-                           expected_batch_size=batch_size, microbatch_size=microbatch_size)
+                           mechanism, microbatch_size=microbatch_size)
 
     def init(params):
         return TrainState.create(params, optimizer)
