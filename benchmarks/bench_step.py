@@ -191,6 +191,14 @@ def batch_of(image_shape, label_shape, batch_size, classes):
             jax.random.randint(keys[1], (batch_size, 1) + label_shape, 0, classes))
 
 
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's buffer-assigned peak of a compiled program (``jit(f).lower(...).compile()``):
+    arguments + outputs + temporaries − donated (aliased) bytes."""
+    stats = compiled.memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes)
+
+
 def time_arms(problems, examples, repeats, per_example=False):
     """Step times (fastest of ``repeats``) and compiled peaks of every arm of every
     problem ({name: (params, loss)}), all steps alternating. Returns {(problem, arm): (s, bytes)}."""
@@ -201,9 +209,7 @@ def time_arms(problems, examples, repeats, per_example=False):
             step, optimizer = make_step(loss, private, **options)
             state = (jax.tree.map(jnp.copy, params), optimizer.init(params))
             lowered = step.lower(*state, examples, jax.random.key(0)).compile()
-            stats = lowered.memory_analysis()
-            peaks[name, arm] = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+            peaks[name, arm] = compiled_peak_bytes(lowered)
             compiled[name, arm] = lowered
             states[name, arm] = jax.block_until_ready(lowered(*state, examples, jax.random.key(0)))
             samples[name, arm] = []
@@ -242,9 +248,7 @@ def memory_ratio(unroll, logical=256, micro=16):
     def peak(size, **options):
         step, optimizer = make_step(loss, True, unroll=unroll, **options)
         examples = batch_of((64, 64, 3), (64, 64), size, 4)
-        stats = step.lower(params, optimizer.init(params), examples, jax.random.key(0)).compile().memory_analysis()
-        return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                - stats.alias_size_in_bytes)
+        return compiled_peak_bytes(step.lower(params, optimizer.init(params), examples, jax.random.key(0)).compile())
 
     chunked, single = peak(logical, microbatch_size=micro), peak(micro, microbatch_size=micro)
     loop = "unrolled" if unroll else "lax.scan"
