@@ -44,6 +44,7 @@ from common import RESULTS, progress, write_rows  # noqa: E402
 
 from patchdp import plots  # noqa: E402
 from patchdp.config import Config, config_path  # noqa: E402
+from patchdp.run_dir import RunDirectory  # noqa: E402
 from patchdp.trainer import train  # noqa: E402
 
 ACCOUNTINGS = ("patch", "image")
@@ -63,7 +64,7 @@ def run(config: Config, output_dir: Path, epsilon: float, accounting: str, seed:
     changed = config.replace(target_epsilon=epsilon, noise_multiplier=None, accounting=accounting, seed=seed,
                              augmentation_noise=config.augmentation_noise if accounting == "gaussian_augmentation"
                              else None)
-    return train(changed, run_dir=run_dir, resume=True, progress=False)
+    return train(changed, run_dir=run_dir, resume=RunDirectory(run_dir).holds_checkpoints(), progress=False)
 
 
 def row(report: dict, epsilon: float, accounting: str, seed: int) -> dict:

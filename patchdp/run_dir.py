@@ -138,12 +138,16 @@ class RunDirectory:
     def write_config(self, config: Config) -> None:
         write_atomic(self.config_file, json.dumps(config.to_dict(), indent=1))
 
+    def holds_checkpoints(self) -> bool:
+        """Whether a run has saved a checkpoint here (a step folder, readable or not)."""
+        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+
     def open_checkpoints(self, *, resume: bool) -> Checkpointer:
         """The run's checkpoints, to resume from or, for a new run, an empty folder.
 
         ValueError in one line when resuming a run without checkpoints, or starting a new
         run where one already is (its checkpoints or its secrets), so that two runs never mix."""
-        held = self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+        held = self.holds_checkpoints()
         if resume and not held:
             raise ValueError(f"cannot resume {self.path}: {self.checkpoints} holds no checkpoint, so the steps taken "
                              "and the privacy spent are unknown; start a new run in another directory.")

@@ -140,7 +140,8 @@ def test_config_patches_and_the_words_of_the_report():
 
 
 def test_the_trainer_plans_k_patches_and_refuses_to_resume_with_another_k(tmp_path):
-    from patchdp.trainer import _resumable_ledger, make_plan
+    from patchdp.run_dir import _resumable_ledger
+    from patchdp.trainer import make_plan
 
     config = Config(patch="rect:3x3", patches=3, crop=8, batch_size=8, noise_multiplier=1.0, steps=5)
     plan = make_plan(config, 64, (16, 16, 3))
@@ -148,9 +149,10 @@ def test_the_trainer_plans_k_patches_and_refuses_to_resume_with_another_k(tmp_pa
     ledger = plan.mechanism.ledger()
     ledger.step(2)
     checkpoint = {"step": 2, "ledger": json.loads(json.dumps(ledger.to_dict()))}
-    assert _resumable_ledger(checkpoint, plan, tmp_path).steps == 2
+    assert _resumable_ledger(checkpoint, plan.mechanism, plan.budget, tmp_path).steps == 2
+    other = make_plan(config.replace(patches=1), 64, (16, 16, 3))
     with pytest.raises(ValueError, match="patch.count 3 → 1"):
-        _resumable_ledger(checkpoint, make_plan(config.replace(patches=1), 64, (16, 16, 3)), tmp_path)
+        _resumable_ledger(checkpoint, other.mechanism, other.budget, tmp_path)
 
 
 def cli(capsys, *argv):
