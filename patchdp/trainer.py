@@ -118,7 +118,8 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     over ``devices`` devices; calibrates z when the config gives no noise multiplier.
 
     Raises ValueError when the crop does not fit the image, the batch does not fit the
-    dataset, the microbatch / device count does not divide the batch, or δ > 1/N (a
+    dataset, the device count does not divide the batch or the microbatch each device's
+    share, or δ > 1/N (a
     mechanism publishing a random example in the clear satisfies δ = 1/N).
     """
     n = dataset_size
@@ -129,10 +130,14 @@ def make_plan(config: Config, dataset_size: int, image_shape: tuple[int, int, in
     else:
         scheme = sampling.PoissonSampling(rate=config.batch_size / n, dataset_size=n,
                                           multiple_of=(config.microbatch_size or 1) * devices)
-    for divisor, what in ((config.microbatch_size, "microbatch_size"), (devices, "the number of devices")):
-        if divisor and scheme.padded_size % divisor:
-            raise ValueError(f"config: {what} ({divisor}) must divide the batch of {scheme.padded_size} slots; "
-                             "change batch_size or microbatch_size.")
+    if scheme.padded_size % devices:
+        raise ValueError(f"config: the number of devices ({devices}) must divide the batch of {scheme.padded_size} "
+                         "slots; change batch_size.")
+    device_batch = scheme.padded_size // devices  # each device clips its own examples, in microbatches
+    if config.microbatch_size and device_batch % config.microbatch_size:
+        raise ValueError(f"config: microbatch_size ({config.microbatch_size}) must divide the batch of "
+                         f"{scheme.padded_size} slots{f' split over {devices} devices' if devices > 1 else ''}; "
+                         "change batch_size or microbatch_size.")
     steps = config.steps or scheme.steps_for_epochs(config.epochs)
     delta = config.delta if config.delta is not None else 0.1 / n
     if delta > 1 / n:

@@ -18,11 +18,11 @@ holds the crops, clip norm and noise (and, with ``private=False``, gives the non
 baseline of the same training).
 
 **Sharding.** With a ``jax.sharding.Mesh`` the examples are sharded over all of its
-devices (:func:`shard_batch`), the state is replicated (:func:`replicate`) or sharded
-as the caller placed it, and XLA sums the clipped gradients across devices. Because
-the program is written for the global batch, per-example keys and noise are drawn
-for the global arrays, so a step on 8 devices equals the step on 1 device for the
-same key (up to float summation order), and noise is added once.
+devices (:func:`shard_batch`) and the state is replicated (:func:`replicate`); each
+device clips its own examples and the clipped sums are added across devices
+(``shard_map`` and ``psum``: :func:`private_grad`). Per-example keys and noise are drawn
+for the global arrays, so a step on 8 devices equals the step on 1 device for the same
+key (up to float summation order), and noise is added once.
 
 **Multi-host (TPU pods, multi-node GPU).** Call ``jax.distributed.initialize()`` in
 every process before any other JAX call; build the mesh over ``jax.devices()`` (all
@@ -129,7 +129,7 @@ def gaussian_pixel_noise(std: float) -> Augment:
 def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | None,
                  microbatch_size: int | None = None, flip: bool = False, label_fill=0,
                  unroll: bool | None = None, augment: Augment | None = None,
-                 clipping: str = "auto") -> Callable:
+                 clipping: str = "auto", mesh: Mesh | None = None) -> Callable:
     """Like ``jax.grad``, for DP-SGD with crops: returns ``grad_fn(params, batch, key)``
     giving ``(grad_sum, stats)``.
 
@@ -168,6 +168,12 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
         same result: ``"auto"`` (default, the fastest: book-keeping, :mod:`patchdp.bookkeeping`),
         ``"direct"``, ``"unfold"``, ``"ghost"`` (book-keeping with that method for every
         layer), or ``"per_example"`` (``vmap`` of per-example gradients, the reference).
+      mesh: the batch's examples are split over all devices of this mesh: each device
+        clips and sums its own examples (``shard_map``; ``microbatch_size`` counts a
+        device's examples) and the sums are added across devices, once. Not left to XLA's
+        partitioner: it all-gathers the batch for the grouped convolutions of per-example
+        convolution gradients, and on XLA:CPU (jax 0.10.2) got them wrong, up to 4× on 4
+        devices (tests/test_training.py).
 
     The returned ``grad_fn(params, batch: Batch, key)`` splits ``key`` into one key per
     example (the crops; with ``augment``, each example's key is split once more into a
@@ -199,17 +205,34 @@ def private_grad(loss_fn: LossFn, *, crop: CropSpec | None, clip_norm: float | N
 
     view_loss = lambda params, view: loss_fn(params, *view)
 
+    def summed(params, examples, mask):
+        return clipped_grad_sum(view_loss, params, examples, mask, clip_norm=clip_norm,
+                                microbatch_size=microbatch_size, unroll=unroll, clipping=clipping, views=views)
+
+    if mesh is not None:
+        summed = _summed_over_devices(summed, mesh)
+
     def grad_fn(params, batch: Batch, key: jax.Array):
         _check_batch(batch)
-        keys = jax.random.split(key, batch.image.shape[0])
-        grad_sum, stats = clipped_grad_sum(
-            view_loss, params, (keys, batch.image, batch.label), batch.mask, clip_norm=clip_norm,
-            microbatch_size=microbatch_size, unroll=unroll, clipping=clipping, views=views)
+        keys = jax.random.split(key, batch.image.shape[0])  # the global batch's: the same on any mesh
+        grad_sum, stats = summed(params, (keys, batch.image, batch.label), batch.mask)
         counted = jnp.maximum(stats.valid - stats.nonfinite, 1)
         return grad_sum, {"loss": stats.loss_sum / counted, "clipped_fraction": stats.clipped / counted,
                           "valid": stats.valid, "nonfinite": stats.nonfinite}
 
     return grad_fn
+
+
+def _summed_over_devices(summed: Callable, mesh: Mesh) -> Callable:
+    """``summed(params, examples, mask)`` of each device's examples (leading axis split
+    over all devices of ``mesh``; ``params`` replicated), added across devices.
+    ``check_vma=False``: book-keeping replays equations traced outside the ``shard_map``,
+    which carry no record of which values vary across devices; the one cross-device
+    operation is the final ``psum``, whose result is the same on every device."""
+    examples = PartitionSpec(mesh.axis_names)
+    return jax.shard_map(lambda *args: jax.lax.psum(summed(*args), mesh.axis_names), mesh=_auto(mesh),
+                         in_specs=(PartitionSpec(), examples, examples), out_specs=PartitionSpec(),
+                         check_vma=False)
 
 
 def _check_batch(batch: Batch) -> None:
@@ -258,7 +281,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     augment = None if mechanism.augmentation_noise is None else gaussian_pixel_noise(mechanism.augmentation_noise)
     grad_fn = private_grad(loss_fn, crop=mechanism.crop, clip_norm=mechanism.clip_norm if private else None,
                            microbatch_size=microbatch_size, flip=flip, label_fill=label_fill, unroll=unroll,
-                           augment=augment, clipping=mechanism.clipping)
+                           augment=augment, clipping=mechanism.clipping, mesh=mesh)
     noise = mechanism.noise() if private else gaussian_noise(0.0, None, mechanism.expected_batch_size)
     data = None if mesh is None else _examples(mesh)
 

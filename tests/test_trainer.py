@@ -214,6 +214,10 @@ def test_plan_defaults_and_errors(tiny):
         make_plan(config.replace(delta=0.5), 32, (16, 16, 3))
     with pytest.raises(ValueError, match="microbatch_size \\(3\\) must divide the batch of 8"):
         make_plan(config.replace(microbatch_size=3), 32, (16, 16, 3))
+    with pytest.raises(ValueError, match="microbatch_size \\(8\\) must divide the batch of 8 slots split over 2 devices"):
+        make_plan(config.replace(microbatch_size=8), 32, (16, 16, 3), devices=2)
+    with pytest.raises(ValueError, match="the number of devices \\(3\\) must divide the batch of 8"):
+        make_plan(config, 32, (16, 16, 3), devices=3)
     with pytest.raises(ValueError, match="batch_size 8 exceeds the 4 training examples"):
         make_plan(config, 4, (16, 16, 3))
     with pytest.raises(ValueError, match="larger than the padded image"):
