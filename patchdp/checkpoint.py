@@ -65,8 +65,9 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
-        folder = self.directory / str(step)
-        write_atomic(folder / DIGESTS, json.dumps(digests(folder, skip=DIGESTS)))
+        if jax.process_index() == 0:  # in a run of several processes, after orbax's commit of every process's shards
+            folder = self.directory / str(step)
+            write_atomic(folder / DIGESTS, json.dumps(digests(folder, skip=DIGESTS)))
 
     def restore(self, like=None, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of ``step``, or by default of the newest checkpoint that reads.

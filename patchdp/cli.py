@@ -20,13 +20,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 
-from patchdp import _validation, accounting, report
+from patchdp import _validation, accounting, distributed, report
 from patchdp.config import Config, config_path, parse_patch, parse_value
 from patchdp.coverage import union_inclusion
 from patchdp.inclusion import CropSpec, Patch, check_memory, image_hw, inclusion_map, inclusion_probability, map_bytes
@@ -335,6 +337,43 @@ def _add_override_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
+    """Trains in this process, or in this one of several (:mod:`patchdp.distributed`): then
+    only process 0 prints the result, on a stdout that carries nothing else (native
+    libraries' lines, e.g. gloo's "[Gloo] Rank …", go to stderr). An error ends this process
+    at once (its one line, status 2; 1 for a bug or a lost peer) after telling the others,
+    which stop too; an interruption stops every process at the same step, checkpointed."""
+    launch = distributed.detect(args.coordinator, args.num_processes, args.process_id)
+    processes = distributed.start(launch, peer_timeout=args.peer_timeout)
+    if processes.count == 1:
+        _print_result(args, _train(args, processes), sys.stdout)
+        return
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        result = _train(args, processes)
+    except BaseException as error:
+        from patchdp.run_dir import Interrupted
+
+        if isinstance(error, Interrupted):  # every process stopped after the same step and saved its checkpoint
+            processes.finish()
+            raise
+        if isinstance(error, USER_ERRORS):
+            code = _error_line(error)
+        else:  # a bug, or a collective broken by a peer that died: the watchdog says which
+            processes.blame_peers()
+            traceback.print_exc()
+            code = 1
+        processes.fail()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not through jax's exit, whose shutdown barrier would wait for the others
+    processes.finish()
+    if processes.writer:
+        _print_result(args, result, out)
+
+
+def _train(args, processes: distributed.Processes) -> dict:
     from patchdp.run_dir import RunDirectory  # imported on use: jax and flax are slow to import
     from patchdp.trainer import train
 
@@ -346,15 +385,14 @@ def cmd_train(args) -> None:
         run = RunDirectory(args.resume)
         if not run.config_file.is_file():
             raise CliError(f"{args.resume} is not a run directory (it has no config.json).")
-        result = train(run.read_config(), run_dir=args.resume, resume=True)
-    else:
-        if not args.config:
-            raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
-        result = train(Config.from_toml(config_path(args.config), overrides))
-    if args.json:
-        print(json.dumps(result, allow_nan=False))
-    else:
-        print(_run_table(result))
+        return train(run.read_config(), run_dir=args.resume, resume=True, processes=processes)
+    if not args.config:
+        raise CliError("train needs --config FILE (or the name of a shipped config, e.g. demo), or --resume RUN_DIR.")
+    return train(Config.from_toml(config_path(args.config), overrides), processes=processes)
+
+
+def _print_result(args, result: dict, out) -> None:
+    print(json.dumps(result, allow_nan=False) if args.json else _run_table(result), file=out, flush=True)
 
 
 def _run_table(result: dict, extra: list[tuple[str, str]] = ()) -> str:
@@ -499,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "cityscapes_deeplabv3plus, mnist_resnet18, ...)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
+    g = p.add_argument_group(
+        "several processes", "A TPU pod, or a SLURM (srun) or Open MPI (mpirun) job of several tasks, is found "
+        "without these; elsewhere run the same command in every process with all three (or the environment "
+        "variables PATCHDP_COORDINATOR, PATCHDP_NUM_PROCESSES, PATCHDP_PROCESS_ID).")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (it listens on PORT)")
+    g.add_argument("--num-processes", metavar="N", help="the number of processes of the run")
+    g.add_argument("--process-id", metavar="I", help="this process's index, 0 … N-1")
+    g.add_argument("--peer-timeout", metavar="SECONDS", type=float, default=distributed.PEER_TIMEOUT_S,
+                   help="a process not heard from for this long stops the others (default %(default)g)")
     _add_override_arguments(p)
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("demo", help="train the small U-Net on the embedded synthetic scenes (~2 minutes on a CPU)")
@@ -550,17 +597,23 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         with _warnings_as_lines(), _sigterm_ends_cleanly():
             args.run(args)
-    except (CliError, ValueError) as err:
-        print(f"patchdp: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a file that cannot be read or written (or a run directory that became read-only)
-        message = f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
-        print(f"patchdp: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return _error_line(err)
     except KeyboardInterrupt as err:  # patchdp.run_dir.Interrupted: a run that saved its checkpoint says how to go on
         print(f"patchdp: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_status", 130)
     return 0
+
+
+USER_ERRORS = (CliError, ValueError, OSError, distributed.DistributedError)
+
+
+def _error_line(err: BaseException) -> int:
+    """Prints a user error as one line on stderr; returns the exit status, 2."""
+    if isinstance(err, OSError):  # a file that cannot be read or written (or a run directory that became read-only)
+        err = f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
+    print(f"patchdp: error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -269,10 +269,11 @@ class MetricsLog:
 
     A last line without its newline, or one that does not parse, is a record torn by a
     kill mid-write: :meth:`read` drops it with one warning. Damage elsewhere is a ValueError
-    naming the file and line."""
+    naming the file and line. With ``writes=False`` (a process other than 0 of a run of
+    several) it writes nothing."""
 
-    def __init__(self, path: Path, events=None):
-        self.path, self.events = Path(path), events
+    def __init__(self, path: Path, events=None, *, writes: bool = True):
+        self.path, self.events, self.writes = Path(path), events, writes
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -300,9 +301,12 @@ class MetricsLog:
     def rewrite(self, records: list[dict]) -> None:
         """Replaces the file with ``records``, atomically (a resumed run keeps those up to
         its checkpoint, read before the run was accepted)."""
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        if self.writes:
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, kind: str, step: int, **values) -> None:
+        if not self.writes:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(report.strict({"kind": kind, "step": step, **values}), allow_nan=False) + "\n")
         if self.events is not None:

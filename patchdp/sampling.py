@@ -38,8 +38,9 @@ mode, the default) takes the seed from OS entropy; keep it secret like the data.
 (numpy's PCG64 is not a cryptographic generator; the seed is what must stay secret.)
 
 Multi-host: every process must draw the same global batch; draw the seed on process 0
-and broadcast it (``jax.experimental.multihost_utils.broadcast_one_to_all``), then each
-process loads its own slice of ``indices``.
+and broadcast it (``jax.experimental.multihost_utils.broadcast_one_to_all``; the trainer:
+:meth:`patchdp.distributed.Processes.from_writer`), then each process loads its own slice
+of ``indices``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import optax
 from patchdp import metrics
 from patchdp.config import Config
 from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher, get_dataset
+from patchdp.distributed import Processes
 from patchdp.files import read_json
 from patchdp.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -81,11 +82,14 @@ def make_evaluator(model, num_classes: int, normalization: str) -> Callable:
     return jax.jit(evaluate)
 
 
-def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, count: int | None) -> np.ndarray:
+def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, count: int | None,
+             processes: Processes = Processes()) -> np.ndarray:
     """The confusion matrix (K × K, int64; :mod:`patchdp.metrics`) of the first ``count``
-    (default all) examples of ``dataset``."""
+    (default all) examples of ``dataset``, the same in every process of a run of several:
+    each evaluates every ``processes.count``-th batch on its own devices (``params`` must
+    be readable there: on the host, or replicated), and the counts are summed exactly."""
     count = len(dataset) if count is None else min(count, len(dataset))
-    starts = range(0, count, batch_size)
+    starts = range(0, count, batch_size)[processes.index::processes.count]
 
     def load(start):
         indices = np.arange(start, start + batch_size)
@@ -98,4 +102,4 @@ def evaluate(evaluator: Callable, params, dataset: Dataset, *, batch_size: int, 
     with Prefetcher(load, starts) as batches:
         for images, labels in batches:
             total += np.asarray(evaluator(params, images, labels)[0], np.int64)
-    return total
+    return processes.gather_sum(total)

@@ -29,6 +29,18 @@ norm, clipping); a changed noise multiplier is composed by the ledger
 any checkpoint to resume are all checked first, so a refused command leaves an existing
 run directory as it was (its lock file comes and goes).
 
+**Several processes** (a TPU pod, several GPU nodes: :mod:`patchdp.distributed`): every
+process calls ``train`` alike and computes the step one process would over the same
+devices. One mesh spans all their devices; process 0 draws the seeds (or the run's are
+read) and names the default run directory; the config, plan and run directory, then the
+run directory's checkpoints and secrets, then a restored checkpoint's ledger are compared
+across processes before any step (a difference is refused in every process, in one
+line); each process loads only the rows of batch t its devices hold; the step, its
+noise and the ledger are the single global ones. Process 0 alone holds the lock and
+writes the run directory, which every process must see (checked); checkpoints are
+orbax's multi-host ones, every process taking part. Ctrl-C or SIGTERM in any process
+stops every process after the same step.
+
 **Secrets.** ``secrets.json`` (mode 0600) holds the run's seeds; checkpoints do not. Whoever
 has it knows which images were sampled at each step and the noise added: do not share a
 run directory; share :func:`patchdp.export.export_model`'s output instead.
@@ -59,6 +71,8 @@ import contextlib
 import dataclasses
 import functools
 import json
+import secrets as os_secrets
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -73,6 +87,7 @@ from patchdp import accounting, clipping, metrics, plots, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
 from patchdp.data import IGNORE_LABEL, Dataset, Prefetcher
+from patchdp.distributed import Processes, assemble, local_rows
 from patchdp.events import EventWriter
 from patchdp.files import write_atomic
 from patchdp.inclusion import inclusion_map
@@ -82,7 +97,7 @@ from patchdp.progress import Progress
 from patchdp.run_dir import (SECRETS, Interrupted, MetricsLog, RunDirectory, RunDirectoryError, Seeds, interruptible,
                              resume_command, resume_point)
 from patchdp.task import evaluate, load_dataset, make_evaluator, make_loss
-from patchdp.training import Batch, TrainState, make_train_step, replicate, shard_batch
+from patchdp.training import Batch, TrainState, examples_sharding, make_train_step, replicate, shard_batch
 
 __all__ = ["Plan", "make_plan", "train", "make_optimizer", "final_report"]
 
@@ -166,7 +181,8 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 # ============================================================================ the stages
 
 
-def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool = True) -> dict:
+def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool = True,
+          processes: Processes = Processes()) -> dict:
     """Trains ``config`` and returns the final report (also written to the run directory).
 
     Args:
@@ -177,41 +193,51 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
         in anything but the noise (:func:`patchdp.run_dir.resume_point`).
       progress: show progress on stderr: a bar on a terminal, else a plain line every
         ~10 s (:class:`patchdp.progress.Progress`).
+      processes: this process's place in a run of several (:func:`patchdp.distributed.start`),
+        each calling ``train`` alike; see "Several processes" above.
 
     Raises ValueError before writing anything when the run is refused (another process
-    holds the run directory: :class:`patchdp.run_dir.RunLocked`),
+    holds the run directory: :class:`patchdp.run_dir.RunLocked`; in every process alike
+    when several disagree on the config, data, plan or run directory),
     :class:`~patchdp.run_dir.RunDirectoryError` when the run directory cannot be written,
     and :class:`~patchdp.run_dir.Interrupted` after saving a checkpoint on Ctrl-C or SIGTERM.
     """
     started = time.perf_counter()
-    setup = _setup(config)
-    run = RunDirectory(run_dir or config.run_dir or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    with run.locked(), run.open_checkpoints(resume=resume) as checkpoints:
+    setup = _setup(config, processes)
+    run = RunDirectory(run_dir or config.run_dir or processes.from_writer(  # process 0's clock
+        lambda: f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    processes.agree("config, dataset, plan or run directory", {
+        "config": config.to_dict(), "mechanism": setup.plan.mechanism.to_dict(), "steps": setup.plan.steps,
+        "run_dir": str(run.path)})
+    with _locked(run, processes), _shared_checkpoints(run, processes, resume) as checkpoints:
         start = _start(setup, run, checkpoints, resume)
-        records = [r for r in MetricsLog(run.metrics_file).read() if r["step"] <= start.step]  # damaged: refused
+        records = processes.in_writer(  # damaged: refused
+            lambda: [r for r in MetricsLog(run.metrics_file).read() if r["step"] <= start.step])
         with _writing(run, start.ledger, checkpoints):  # the run is accepted: from here on it writes its directory
-            run.write_config(config)
-            if start.step == 0:
-                run.write_secrets(start.seeds)
-            log = MetricsLog(run.metrics_file, EventWriter(run.path / "tensorboard") if config.tensorboard else None)
+            if processes.writer:
+                run.write_config(config)
+                if start.step == 0:
+                    run.write_secrets(start.seeds)
+            events = EventWriter(run.path / "tensorboard") if config.tensorboard and processes.writer else None
+            log = MetricsLog(run.metrics_file, events, writes=processes.writer)
             log.rewrite(records)
             z = start.ledger.mechanism.noise_multiplier
-            console = Progress(setup.plan.steps, start.step, enabled=progress, budget=setup.plan.budget,
-                               description=f"DP-SGD z={z:.3g}")
+            console = Progress(setup.plan.steps, start.step, enabled=progress and processes.writer,
+                               budget=setup.plan.budget, description=f"DP-SGD z={z:.3g}")
             with interruptible() as interrupted:
                 state, stop_reason = _steps(setup, start, log, checkpoints, console, interrupted)
                 console.close()
                 _checkpoint(checkpoints, start.ledger, state)
             if stop_reason == "interrupted":
-                raise Interrupted(interrupted.signal, run.path, start.ledger.steps)
+                raise Interrupted(interrupted.signal or signal.SIGTERM, run.path, start.ledger.steps)
             checkpoints.close()
             return _report(setup, run, start, state, stop_reason, log, console, seconds=time.perf_counter() - started)
 
 
 class _Setup(NamedTuple):
     """What the plan stage derives from the config: the data, the plan, the model, the
-    optimizer, the evaluator, the device mesh (None on one device) and the microbatch
-    schedule of each device's share of the batch."""
+    optimizer, the evaluator, the device mesh (None on one device), the microbatch
+    schedule of each device's share of the batch, and the processes of the run."""
 
     config: Config
     plan: Plan
@@ -222,19 +248,66 @@ class _Setup(NamedTuple):
     evaluator: Callable
     mesh: Any
     schedule: clipping.Schedule
+    processes: Processes
 
 
-def _setup(config: Config) -> _Setup:
-    """The plan stage: validates the config against its data and plans the mechanism (pure, writes nothing)."""
+def _setup(config: Config, processes: Processes) -> _Setup:
+    """The plan stage: validates the config against its data and plans the mechanism
+    (pure, writes nothing); the mesh spans the devices of every process."""
     train_set, eval_set = load_dataset(config, config.train_split), load_dataset(config, config.eval_split)
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if jax.device_count() > 1 else None
     plan = make_plan(config, len(train_set), train_set.image_shape, devices=jax.device_count())
-    if plan.mechanism.inclusion_probability >= 1:
+    if plan.mechanism.inclusion_probability >= 1 and processes.writer:
         warnings.warn(NO_AMPLIFICATION, stacklevel=3)
     model = get_model(config.model, train_set.num_classes, **config.model_options)
     evaluator = make_evaluator(model, eval_set.num_classes, config.input_normalization)
     schedule = _schedule(config, plan.mechanism.sampling.padded_size // jax.device_count())
-    return _Setup(config, plan, train_set, eval_set, model, make_optimizer(config), evaluator, mesh, schedule)
+    return _Setup(config, plan, train_set, eval_set, model, make_optimizer(config), evaluator, mesh, schedule,
+                  processes)
+
+
+@contextlib.contextmanager
+def _locked(run: RunDirectory, processes: Processes):
+    """The run directory's lock, held by process 0 alone; a refusal is every process's.
+    With several processes, every one must see the directory process 0 locked."""
+    with contextlib.ExitStack() as held:
+        processes.in_writer(lambda: held.enter_context(run.locked()))
+        _check_shared(run, processes)
+        yield
+
+
+def _check_shared(run: RunDirectory, processes: Processes) -> None:
+    """Raises ValueError in every process, naming the processes that do not see process
+    0's run directory (a file process 0 writes there, with a fresh token): their
+    checkpoint shards and process 0's would land in different places."""
+    if processes.count == 1:
+        return
+    probe = run.path / ".shared-by-all-processes"
+
+    def write_token() -> str:
+        token = os_secrets.token_hex(16)
+        write_atomic(probe, token)
+        return token
+
+    token = processes.from_writer(write_token)
+    blind = processes.all_true(probe.is_file() and probe.read_text() == token)
+    processes.in_writer(probe.unlink)
+    if blind:
+        raise ValueError(f"process{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of {processes.count} "
+                         f"cannot see the run directory {run.path} as process 0 writes it; give every process a run "
+                         "directory on a filesystem they all share (NFS, a cluster filesystem, gcsfuse).")
+
+
+@contextlib.contextmanager
+def _shared_checkpoints(run: RunDirectory, processes: Processes, resume: bool):
+    """:meth:`RunDirectory.open_checkpoints` in every process, once all agree on the run
+    directory's files: orbax's opening and restoring wait for every process, so one that
+    saw other checkpoints would otherwise wait in another collective than the rest."""
+    processes.agree("run directory's checkpoints or secrets", {
+        "checkpoints": sorted(p.name for p in run.checkpoints.iterdir()) if run.checkpoints.is_dir() else None,
+        "secrets": run.secrets_file.exists()})
+    with run.open_checkpoints(resume=resume) as checkpoints:
+        yield checkpoints
 
 
 def _schedule(config: Config, device_batch: int) -> clipping.Schedule:
@@ -255,20 +328,22 @@ class _Start(NamedTuple):
 
 
 def _start(setup: _Setup, run: RunDirectory, checkpoints: Checkpointer, resume: bool) -> _Start:
-    """The state stage: fresh seeds and parameters, or the run's checkpoint to resume."""
-    plan, config = setup.plan, setup.config
-    seeds = Seeds.create(config.seed)
+    """The state stage: fresh seeds (process 0's) and parameters, or the run's checkpoint
+    to resume (restored in every process, into the mesh's replicated layout)."""
+    plan, config, processes = setup.plan, setup.config, setup.processes
+    seeds = Seeds.from_dict(json.loads(processes.from_writer(lambda: json.dumps(Seeds.create(config.seed).to_dict()))))
     h, w = plan.mechanism.crop.output_size
     dummy = jnp.zeros((1, h, w, plan.mechanism.image_shape[2]))
     params = jax.jit(setup.model.init)(seeds.init_key(), dummy)["params"]
     if config.pretrained:
         params = merge_params(params, load_params(config.pretrained))
-    start = _Start(TrainState.create(params, setup.optimizer), plan.mechanism.ledger(budget_epsilon=plan.budget),
-                   seeds, 0)
+    state = TrainState.create(params, setup.optimizer)
+    if setup.mesh is not None:
+        state = replicate(state, setup.mesh)
+    start = _Start(state, plan.mechanism.ledger(budget_epsilon=plan.budget), seeds, 0)
     if resume:
         start = _Start(*resume_point(run, checkpoints, start.state, plan.mechanism, plan.budget))
-    if setup.mesh is not None:
-        start = start._replace(state=replicate(start.state, setup.mesh))
+        processes.agree("checkpoint restored (step and ledger)", start.ledger.to_dict())
     return start
 
 
@@ -285,7 +360,7 @@ def _steps(setup: _Setup, start: _Start, log: MetricsLog, checkpoints: Checkpoin
     console.compiling()
     with Prefetcher(functools.partial(_load_batch, setup, start.seeds), range(start.step, plan.steps)) as batches:
         for t in range(start.step, plan.steps):
-            if interrupted():
+            if setup.processes.anyone(interrupted()):  # several processes stop after the same step
                 return state, "interrupted"
             if plan.budget is not None and not ledger.can_step():
                 return state, "budget"
@@ -312,8 +387,14 @@ def _steps(setup: _Setup, start: _Start, log: MetricsLog, checkpoints: Checkpoin
 
 
 def _load_batch(setup: _Setup, seeds: Seeds, step: int) -> Batch:
-    """Batch ``step``: a pure function of the seeds and the step (on the devices)."""
+    """Batch ``step``: a pure function of the seeds and the step (on the devices). With
+    several processes, each loads the rows its devices hold of the same global batch."""
     chosen = setup.plan.mechanism.sampling.sample(seeds.sampling, step)
+    if setup.processes.count > 1:
+        examples = examples_sharding(setup.mesh)
+        rows = local_rows(examples, len(chosen.indices))
+        data = setup.train_set.get_batch(chosen.indices[rows])
+        return assemble(examples, Batch(data["image"], data["label"], chosen.mask[rows]))
     data = setup.train_set.get_batch(chosen.indices)
     batch = Batch(data["image"], data["label"], chosen.mask)
     return shard_batch(batch, setup.mesh) if setup.mesh is not None else jax.device_put(batch)
@@ -325,10 +406,13 @@ def _checkpoint(checkpoints: Checkpointer, ledger: accounting.Ledger, state: Tra
 
 
 def _evaluate(setup: _Setup, log: MetricsLog, console: Progress, params, step: int) -> tuple[dict, np.ndarray]:
-    """Scores (logged as ``eval``) and the confusion matrix of ``params`` on the eval split."""
-    config = setup.config
+    """Scores (logged as ``eval``) and the confusion matrix of ``params`` on the eval split
+    (with several processes, each evaluates its share on one of its devices)."""
+    config, processes = setup.config, setup.processes
+    if processes.count > 1:  # a global array: a copy on this process's own device
+        params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
     confusion = evaluate(setup.evaluator, params, setup.eval_set, batch_size=config.eval_batch_size,
-                         count=config.eval_examples)
+                         count=config.eval_examples, processes=processes)
     scores = metrics.scores(confusion, setup.eval_set.task)
     log.write("eval", step, **scores)
     console.note(f"patchdp: evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -345,8 +429,9 @@ def _report(setup: _Setup, run: RunDirectory, start: _Start, state: TrainState, 
     result = final_report(config, setup.plan, ledger, stop_reason=stop_reason, scores=scores,
                           secure=start.seeds.sampling.secure, seconds=seconds)
     result["run_dir"], result["schedule"] = str(run.path), setup.schedule._asdict()
-    _write_outputs(run.path, result, setup.plan, log.read(), setup.evaluator, state.params, setup.eval_set, config,
-                   confusion)
+    if setup.processes.writer:
+        _write_outputs(run.path, result, setup.plan, log.read(), setup.evaluator, jax.device_get(state.params),
+                       setup.eval_set, config, confusion)
     return result
 
 

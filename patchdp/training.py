@@ -34,9 +34,11 @@ and the noise (``jax.experimental.multihost_utils.broadcast_one_to_all``); place
 of the batch, the rows its devices hold
 (``sharding.addressable_devices_indices_map((B,))``), and assemble the global batch
 leaf by leaf with ``jax.make_array_from_process_local_data(sharding, local)``, where
-``sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))``. The step itself is
-unchanged; its outputs are replicated, readable in every process. tests/test_multiprocess.py
-runs this in 2 processes and checks it against the step in one process.
+``sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))`` (:func:`examples_sharding`).
+The step itself is unchanged; its outputs are replicated, readable in every process.
+tests/test_multiprocess.py runs this in 2 processes and checks it against the step in one
+process. ``patchdp train`` does all of this itself in every process of a launch
+(:mod:`patchdp.distributed`, :func:`patchdp.trainer.train`).
 
 **Keys.** The step key drives crops and noise, so the privacy guarantee needs it
 secret and fresh each step: e.g. ``jax.random.fold_in(base, step)`` with ``base``
@@ -60,7 +62,7 @@ from patchdp.mechanism import DPSGD
 from patchdp.noise import gaussian_noise
 
 __all__ = ["Batch", "TrainState", "private_grad", "make_train_step", "gaussian_pixel_noise", "linen_loss",
-           "shard_batch", "replicate"]
+           "shard_batch", "replicate", "examples_sharding"]
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -283,7 +285,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                            microbatch_size=microbatch_size, flip=flip, label_fill=label_fill, unroll=unroll,
                            augment=augment, clipping=mechanism.clipping, mesh=mesh)
     noise = mechanism.noise() if private else gaussian_noise(0.0, None, mechanism.expected_batch_size)
-    data = None if mesh is None else _examples(mesh)
+    data = None if mesh is None else examples_sharding(mesh)
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
         if data is not None:
@@ -302,7 +304,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
     """Places a host batch on the mesh, examples split over all its devices (the batch
     size must be divisible by the number of devices)."""
-    return jax.device_put(batch, _examples(mesh))
+    return jax.device_put(batch, examples_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):
@@ -317,6 +319,6 @@ def _auto(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def _examples(mesh: Mesh) -> NamedSharding:
+def examples_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (example) axis split over all devices of the mesh."""
     return NamedSharding(_auto(mesh), PartitionSpec(mesh.axis_names))
