@@ -46,11 +46,12 @@ import numpy as np
 from patchdp import accounting, report, sampling
 from patchdp.checkpoint import Checkpointer
 from patchdp.config import Config
+from patchdp.distributed import Processes
 from patchdp.files import read_json, write_atomic
 from patchdp.mechanism import DPSGD
 
 __all__ = ["RunDirectory", "RunDirectoryError", "RunLocked", "Seeds", "MetricsLog", "Interrupted", "interruptible",
-           "resume_point", "resume_command"]
+           "resume_point", "resume_command", "held_by_writer", "shared_checkpoints"]
 
 LOCK, CONFIG, SECRETS, METRICS = "run.lock", "config.json", "secrets.json", "metrics.jsonl"
 
@@ -173,6 +174,53 @@ class RunDirectory:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{self.secrets_file} is damaged ({type(error).__name__}: {error}); the run's seeds "
                              "are lost, so it cannot be resumed.") from None
+
+
+# ============================================================================ several processes
+
+
+@contextlib.contextmanager
+def held_by_writer(run: RunDirectory, processes: Processes):
+    """The run directory's lock, held by process 0 alone; a refusal is every process's.
+    With several processes, every one must see the directory process 0 locked."""
+    with contextlib.ExitStack() as held:
+        processes.in_writer(lambda: held.enter_context(run.locked()))
+        _check_shared(run, processes)
+        yield
+
+
+def _check_shared(run: RunDirectory, processes: Processes) -> None:
+    """Raises ValueError in every process, naming the processes that do not see process
+    0's run directory (a file process 0 writes there, with a fresh token): their
+    checkpoint shards and process 0's would land in different places."""
+    if processes.count == 1:
+        return
+    probe = run.path / ".shared-by-all-processes"
+
+    def write_token() -> str:
+        token = os_secrets.token_hex(16)
+        write_atomic(probe, token)
+        return token
+
+    token = processes.from_writer(write_token)
+    blind = processes.all_true(probe.is_file() and probe.read_text() == token)
+    processes.in_writer(probe.unlink)
+    if blind:
+        raise ValueError(f"process{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of {processes.count} "
+                         f"cannot see the run directory {run.path} as process 0 writes it; give every process a run "
+                         "directory on a filesystem they all share (NFS, a cluster filesystem, gcsfuse).")
+
+
+@contextlib.contextmanager
+def shared_checkpoints(run: RunDirectory, processes: Processes, resume: bool):
+    """:meth:`RunDirectory.open_checkpoints` in every process, once all agree on the run
+    directory's files: orbax's opening and restoring wait for every process, so one that
+    saw other checkpoints would otherwise wait in another collective than the rest."""
+    processes.agree("run directory's checkpoints or secrets", {
+        "checkpoints": sorted(p.name for p in run.checkpoints.iterdir()) if run.checkpoints.is_dir() else None,
+        "secrets": run.secrets_file.exists()})
+    with run.open_checkpoints(resume=resume) as checkpoints:
+        yield checkpoints
 
 
 # ============================================================================ seeds

@@ -71,7 +71,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import secrets as os_secrets
 import signal
 import time
 import warnings
@@ -94,8 +93,8 @@ from patchdp.inclusion import inclusion_map
 from patchdp.mechanism import DPSGD
 from patchdp.models import get_model, load_params, merge_params
 from patchdp.progress import Progress
-from patchdp.run_dir import (SECRETS, Interrupted, MetricsLog, RunDirectory, RunDirectoryError, Seeds, interruptible,
-                             resume_command, resume_point)
+from patchdp.run_dir import (SECRETS, Interrupted, MetricsLog, RunDirectory, RunDirectoryError, Seeds, held_by_writer,
+                             interruptible, resume_command, resume_point, shared_checkpoints)
 from patchdp.task import evaluate, load_dataset, make_evaluator, make_loss
 from patchdp.training import Batch, TrainState, examples_sharding, make_train_step, replicate, shard_batch
 
@@ -209,7 +208,7 @@ def train(config: Config, *, run_dir=None, resume: bool = False, progress: bool 
     processes.agree("config, dataset, plan or run directory", {
         "config": config.to_dict(), "mechanism": setup.plan.mechanism.to_dict(), "steps": setup.plan.steps,
         "run_dir": str(run.path)})
-    with _locked(run, processes), _shared_checkpoints(run, processes, resume) as checkpoints:
+    with held_by_writer(run, processes), shared_checkpoints(run, processes, resume) as checkpoints:
         start = _start(setup, run, checkpoints, resume)
         records = processes.in_writer(  # damaged: refused
             lambda: [r for r in MetricsLog(run.metrics_file).read() if r["step"] <= start.step])
@@ -264,50 +263,6 @@ def _setup(config: Config, processes: Processes) -> _Setup:
     schedule = _schedule(config, plan.mechanism.sampling.padded_size // jax.device_count())
     return _Setup(config, plan, train_set, eval_set, model, make_optimizer(config), evaluator, mesh, schedule,
                   processes)
-
-
-@contextlib.contextmanager
-def _locked(run: RunDirectory, processes: Processes):
-    """The run directory's lock, held by process 0 alone; a refusal is every process's.
-    With several processes, every one must see the directory process 0 locked."""
-    with contextlib.ExitStack() as held:
-        processes.in_writer(lambda: held.enter_context(run.locked()))
-        _check_shared(run, processes)
-        yield
-
-
-def _check_shared(run: RunDirectory, processes: Processes) -> None:
-    """Raises ValueError in every process, naming the processes that do not see process
-    0's run directory (a file process 0 writes there, with a fresh token): their
-    checkpoint shards and process 0's would land in different places."""
-    if processes.count == 1:
-        return
-    probe = run.path / ".shared-by-all-processes"
-
-    def write_token() -> str:
-        token = os_secrets.token_hex(16)
-        write_atomic(probe, token)
-        return token
-
-    token = processes.from_writer(write_token)
-    blind = processes.all_true(probe.is_file() and probe.read_text() == token)
-    processes.in_writer(probe.unlink)
-    if blind:
-        raise ValueError(f"process{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of {processes.count} "
-                         f"cannot see the run directory {run.path} as process 0 writes it; give every process a run "
-                         "directory on a filesystem they all share (NFS, a cluster filesystem, gcsfuse).")
-
-
-@contextlib.contextmanager
-def _shared_checkpoints(run: RunDirectory, processes: Processes, resume: bool):
-    """:meth:`RunDirectory.open_checkpoints` in every process, once all agree on the run
-    directory's files: orbax's opening and restoring wait for every process, so one that
-    saw other checkpoints would otherwise wait in another collective than the rest."""
-    processes.agree("run directory's checkpoints or secrets", {
-        "checkpoints": sorted(p.name for p in run.checkpoints.iterdir()) if run.checkpoints.is_dir() else None,
-        "secrets": run.secrets_file.exists()})
-    with run.open_checkpoints(resume=resume) as checkpoints:
-        yield checkpoints
 
 
 def _schedule(config: Config, device_batch: int) -> clipping.Schedule:
